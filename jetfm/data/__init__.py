@@ -1,0 +1,1 @@
+"""Jet data: generation (Pythia 8 + FastJet), conversion (JetClass, top tagging), shards, reader."""
