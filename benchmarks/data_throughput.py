@@ -1,0 +1,164 @@
+"""Data pipeline throughput: generation, conversion and reading, in jets/s.
+
+    python benchmarks/data_throughput.py                      # all three, small sizes (~2 min)
+    python benchmarks/data_throughput.py --only read --read-jets 200000
+
+Reading = tar index + .npy decode + feature derivation + preprocessing + packing into JetBatch,
+with 0 and 2 DataLoader workers. Generation = Pythia 8 + FastJet per core (toptag preset,
+no MPI). Conversion = JetClass ROOT and top-tagging HDF5 files written here in the real layouts.
+Prints a table, then one JSON line with the numbers, hardware and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jetfm.data.features import Preprocessing  # noqa: E402
+from jetfm.data.format import JET_FEATURES, KINEMATIC_FEATURES, JetArrays  # noqa: E402
+from jetfm.data.reader import JetDataset, JetLoader  # noqa: E402
+from jetfm.data.shards import Manifest, ShardWriter  # noqa: E402
+
+
+def synthetic_jets(rng, n_jets: int) -> JetArrays:
+    """JetClass-like multiplicities (mean ~45) of massless particles around random axes."""
+    mult = np.clip(rng.normal(45, 18, n_jets).astype(int), 3, 128)
+    offsets = np.concatenate([[0], np.cumsum(mult)]).astype(np.int64)
+    n = offsets[-1]
+    pt = rng.exponential(15.0, n) + 0.5
+    eta = rng.normal(0, 0.2, n) + np.repeat(rng.uniform(-2, 2, n_jets), mult)
+    phi = rng.normal(0, 0.2, n) + np.repeat(rng.uniform(-3, 3, n_jets), mult)
+    order = np.lexsort((-pt, np.repeat(np.arange(n_jets), mult)))
+    pt, eta, phi = pt[order], eta[order], phi[order]
+    p4 = np.stack([pt * np.cos(phi), pt * np.sin(phi), pt * np.sinh(eta), pt * np.cosh(eta)], 1).astype(np.float32)
+    jet = np.zeros((n_jets, len(JET_FEATURES)), np.float32)
+    jet[:, 5] = mult
+    return JetArrays(p4, offsets, jet, rng.integers(0, 2, n_jets))
+
+
+def write_synthetic(root: Path, n_jets: int, jets_per_shard: int = 20_000) -> None:
+    rng = np.random.default_rng(0)
+    manifest = Manifest(source={"kind": "synthetic"}, particle_features=list(KINEMATIC_FEATURES),
+                        jet_features=list(JET_FEATURES), classes=["QCD", "Tbqq"])
+    for k in range(0, n_jets, jets_per_shard):
+        writer = ShardWriter(root, f"train/shard-{k // jets_per_shard:06d}.tar", manifest.particle_features,
+                             manifest.jet_features, 2)
+        writer.write(synthetic_jets(rng, min(jets_per_shard, n_jets - k)))
+        manifest.add_shard("train", writer.close())
+    manifest.save(root)
+
+
+def bench_read(root: Path, workers: int, batch_size: int) -> dict:
+    ds = JetDataset(root, "train", Preprocessing(), batch_size, shuffle_buffer=10_000, seed=0)
+    loader = JetLoader(ds, num_workers=workers)
+    start = time.perf_counter()
+    jets = particles = 0
+    for batch in loader:
+        jets += batch.num_jets
+        particles += batch.num_particles
+    seconds = time.perf_counter() - start
+    return {"workers": workers, "jets": jets, "seconds": seconds, "jets_per_s": jets / seconds,
+            "particles_per_s": particles / seconds}
+
+
+def bench_generate(out: Path, jets: int) -> dict:
+    from jetfm.data.generate import generate_dataset
+
+    start = time.perf_counter()
+    generate_dataset(out, preset="toptag", jets_per_class={"train": jets // 2}, workers=1, seed=1, progress=False)
+    seconds = time.perf_counter() - start
+    return {"preset": "toptag", "jets": jets, "seconds": seconds, "jets_per_s_per_core": jets / seconds}
+
+
+def bench_convert(tmp: Path, jets: int) -> list[dict]:
+    import pandas as pd
+    import uproot
+
+    from jetfm.data.convert import convert_jetclass, convert_toptag
+
+    rng = np.random.default_rng(0)
+    sample = synthetic_jets(rng, jets)
+    results = []
+    # top tagging: pandas HDF5, 200 zero-padded constituents, E_i PX_i PY_i PZ_i
+    columns = {}
+    dense = np.zeros((jets, 200, 4), np.float32)
+    jet_index = np.repeat(np.arange(jets), sample.multiplicity)
+    position = np.arange(sample.n_particles) - np.repeat(sample.offsets[:-1], sample.multiplicity)
+    dense[jet_index, position] = sample.part[:, [3, 0, 1, 2]]
+    for i in range(200):
+        for j, name in enumerate(("E", "PX", "PY", "PZ")):
+            columns[f"{name}_{i}"] = dense[:, i, j]
+    for name in ("truthE", "truthPX", "truthPY", "truthPZ", "ttv"):
+        columns[name] = np.zeros(jets, np.float32)
+    columns["is_signal_new"] = sample.label
+    pd.DataFrame(columns).to_hdf(tmp / "train.h5", key="table", mode="w")
+    start = time.perf_counter()
+    convert_toptag([str(tmp / "train.h5")], tmp / "toptag", split="train", progress=False)
+    seconds = time.perf_counter() - start
+    results.append({"format": "toptag-hdf5", "jets": jets, "seconds": seconds, "jets_per_s": jets / seconds})
+    # JetClass: ROOT TTree with jagged branches and one-hot labels
+    import awkward as ak
+
+    def jag(column):
+        return ak.unflatten(sample.part[:, column], sample.multiplicity)
+
+    branches = {"part_px": jag(0), "part_py": jag(1), "part_pz": jag(2), "part_energy": jag(3)}
+    pt = np.hypot(sample.part[:, 0], sample.part[:, 1])
+    for name in ("jet_pt", "jet_eta", "jet_phi", "jet_energy"):
+        branches[name] = np.asarray(ak.sum(ak.unflatten(pt, sample.multiplicity), axis=1), np.float32)
+    branches["jet_nparticles"] = sample.multiplicity.astype(np.float32)
+    for k, cls in enumerate(("QCD", "Hbb", "Hcc", "Hgg", "H4q", "Hqql", "Zqq", "Wqq", "Tbqq", "Tbl")):
+        branches[f"label_{cls}"] = (sample.label == (0 if k == 0 else 8)) if k in (0, 8) else np.zeros(jets, bool)
+    with uproot.recreate(tmp / "TTBar_000.root") as f:
+        f.mktree("tree", {k: (v.type if isinstance(v, ak.Array) else v.dtype) for k, v in branches.items()})
+        f["tree"].extend(branches)
+    start = time.perf_counter()
+    convert_jetclass([str(tmp / "TTBar_000.root")], tmp / "jetclass", split="train", progress=False)
+    seconds = time.perf_counter() - start
+    results.append({"format": "jetclass-root", "jets": jets, "seconds": seconds, "jets_per_s": jets / seconds})
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["read", "generate", "convert"], action="append")
+    parser.add_argument("--read-jets", type=int, default=200_000)
+    parser.add_argument("--generate-jets", type=int, default=400)
+    parser.add_argument("--convert-jets", type=int, default=50_000)
+    parser.add_argument("--batch-size", type=int, default=250)
+    args = parser.parse_args()
+    parts = args.only or ["read", "generate", "convert"]
+    import torch
+
+    report = {"hardware": {"cpu_count": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor()},
+              "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if "read" in parts:
+            write_synthetic(tmp / "read", args.read_jets)
+            report["read"] = [bench_read(tmp / "read", w, args.batch_size) for w in (0, 2)]
+            for r in report["read"]:
+                print(f"read     workers={r['workers']}  {r['jets']:>8d} jets  {r['jets_per_s']:>10,.0f} jets/s  "
+                      f"{r['particles_per_s']:>12,.0f} particles/s")
+        if "generate" in parts:
+            r = report["generate"] = bench_generate(tmp / "gen", args.generate_jets)
+            print(f"generate toptag 1 core  {r['jets']:>8d} jets  {r['jets_per_s_per_core']:>10,.1f} jets/s/core")
+        if "convert" in parts:
+            report["convert"] = bench_convert(tmp, args.convert_jets)
+            for r in report["convert"]:
+                print(f"convert  {r['format']:<14s} {r['jets']:>8d} jets  {r['jets_per_s']:>10,.0f} jets/s")
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
