@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
 from .features import particle_features
 from .format import (
@@ -93,6 +92,8 @@ class ShardWriter:
         self.n_classes = n_classes
         self.chunk_size = chunk_size
         self.unit = unit
+        import webdataset as wds  # lazily: it imports torch, seconds per spawned generator worker
+
         self._stream = open(self.tmp_path, "wb")
         self._tar = wds.TarWriter(self._stream, encoder=False, mtime=0.0)
         self._pending: list[JetArrays] = []
