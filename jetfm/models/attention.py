@@ -1,0 +1,373 @@
+"""The one module that owns every attention kernel in jetfm.
+
+Backends (an enum, chosen in the model config, checked when the model is built):
+
+- `SDPA`  — torch `scaled_dot_product_attention`, any device and dtype. Packed jets are
+  scattered into a padded (B, H, N, D) layout for the kernel and gathered back; on CPU the jets
+  are first grouped by length into a few buckets (see `Packing`) so that padding stays small,
+  and the attention core runs in fp32 (CPU bf16 SDPA backward is several times slower).
+- `FLASH` — flash-attn's `flash_attn_varlen_func` on the packed layout directly (CUDA,
+  fp16/bf16), and `flash_attn_with_kvcache` for incremental decoding. Imported lazily.
+
+Every call takes `causal: bool` as a required keyword: there is no default, so no caller can
+get bidirectional attention by forgetting an argument (nor the reverse).
+
+Legend: T packed tokens (sum of sequence lengths), B sequences, N max sequence length,
+H heads, D head dim, L KV-cache capacity.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+@functools.cache
+def _flash_attn():
+    """The flash_attn module, or None when it cannot be imported (detected once)."""
+    try:
+        import flash_attn  # noqa: PLC0415  (optional GPU extra)
+    except Exception:  # ImportError, or a broken CUDA build raising at import
+        return None
+    return flash_attn
+
+
+def flash_available() -> bool:
+    return _flash_attn() is not None and torch.cuda.is_available()
+
+
+class AttentionBackend(str, enum.Enum):
+    SDPA = "sdpa"
+    FLASH = "flash"
+
+    def assert_supported(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        """Raise ValueError if this backend cannot run on `device` with `dtype`.
+
+        Called when the model is built (device/dtype None = check what can be checked then:
+        for flash, that flash-attn imports and CUDA exists) and again on every flash call with
+        the real tensors' device and dtype (attribute checks only, no host sync).
+        """
+        if self is AttentionBackend.SDPA:
+            return
+        if _flash_attn() is None:
+            raise ValueError("attention backend 'flash' needs the flash-attn package (pip install 'jetfm[gpu]'); use 'sdpa'")
+        if not torch.cuda.is_available():
+            raise ValueError("attention backend 'flash' needs a CUDA GPU; use 'sdpa' on this machine")
+        if device is not None and torch.device(device).type != "cuda":
+            raise ValueError(f"attention backend 'flash' runs on CUDA only, got tensors on {torch.device(device)}")
+        if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"attention backend 'flash' needs fp16/bf16 inputs, got {dtype}; train with bf16 mixed precision or use 'sdpa'"
+            )
+
+
+# --------------------------------------------------------------------------- packed layout
+class Packing:
+    """Bookkeeping for one set of packed sequences; built once per forward, shared by all layers.
+
+    cu_seqlens (B+1,) int32 starting at 0; max_seqlen an upper bound of the lengths and total =
+    T = cu_seqlens[-1], both Python ints (taken from shapes / known bounds: no host sync).
+
+    SDPA needs a padded layout. Padding every jet to the batch's longest one wastes most of the
+    attention work (multiplicities ~50 +- 20 padded to ~120), so on CPU the jets are sorted by
+    length and split into `buckets` groups, each padded to its own longest jet and attended in
+    its own SDPA call. buckets=None picks clamp(B // 8, 1, 8) on CPU, where reading the lengths
+    is free, and 1 elsewhere (reading them would cost a host sync per forward).
+    """
+
+    def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, total: int, *, buckets: int | None = None):
+        self.cu_seqlens = cu_seqlens.to(torch.int32)
+        self.max_seqlen = int(max_seqlen)
+        self.total = int(total)
+        if buckets is None:
+            buckets = min(max(self.num_seqs // 8, 1), 8) if self.cu_seqlens.device.type == "cpu" else 1
+        self.buckets = max(1, min(int(buckets), self.num_seqs))
+
+    @property
+    def num_seqs(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @functools.cached_property
+    def lengths(self) -> torch.Tensor:
+        """(B,) int64 sequence lengths."""
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+
+    @functools.cached_property
+    def seq_index(self) -> torch.Tensor:
+        """(T,) int64 sequence of every packed token."""
+        arange_B = torch.arange(self.num_seqs, device=self.cu_seqlens.device)
+        return torch.repeat_interleave(arange_B, self.lengths, output_size=self.total)
+
+    @functools.cached_property
+    def position(self) -> torch.Tensor:
+        """(T,) int64 position of every packed token within its sequence."""
+        arange_T = torch.arange(self.total, device=self.cu_seqlens.device)
+        return arange_T - self.cu_seqlens[:-1].long()[self.seq_index]
+
+    @functools.cached_property
+    def flat_index(self) -> torch.Tensor:
+        """(T,) int64 row of every packed token in the flattened (B*N) padded layout."""
+        return self.seq_index * self.max_seqlen + self.position
+
+    @functools.cached_property
+    def key_mask(self) -> torch.Tensor:
+        """(B, 1, 1, N) bool, True at real keys. Key 0 is always allowed, so that the padded query
+        rows of an empty sequence are never fully masked (no NaN; their outputs are dropped)."""
+        arange_N = torch.arange(self.max_seqlen, device=self.cu_seqlens.device)
+        valid_BN = arange_N[None, :] < self.lengths[:, None]
+        valid_BN[:, 0] = True
+        return valid_BN[:, None, None, :]
+
+    def pad(self, x_T: torch.Tensor) -> torch.Tensor:
+        """(T, ...) -> (B, N, ...) with zeros at absent positions."""
+        out = x_T.new_zeros((self.num_seqs * self.max_seqlen,) + tuple(x_T.shape[1:]))
+        out = out.index_copy(0, self.flat_index, x_T)
+        return out.view((self.num_seqs, self.max_seqlen) + tuple(x_T.shape[1:]))
+
+    def unpad(self, x_BN: torch.Tensor) -> torch.Tensor:
+        """(B, N, ...) -> (T, ...)."""
+        return x_BN.reshape((-1,) + tuple(x_BN.shape[2:])).index_select(0, self.flat_index)
+
+    @functools.cached_property
+    def bucketing(self) -> tuple[torch.Tensor, torch.Tensor, list["Packing"]] | None:
+        """(order (T,), inverse (T,), [sub-packing per bucket]) or None for a single bucket:
+        tokens reordered by `order` hold the jets sorted by length, bucket after bucket."""
+        if self.buckets == 1:
+            return None
+        lengths = self.lengths
+        jet_order = torch.argsort(lengths, stable=True)
+        jet_rank = torch.empty_like(jet_order).index_copy_(0, jet_order, torch.arange(self.num_seqs, device=lengths.device))
+        order = torch.argsort(jet_rank[self.seq_index] * (self.max_seqlen + 1) + self.position)
+        inverse = torch.empty_like(order).index_copy_(0, order, torch.arange(self.total, device=order.device))
+        sorted_lengths = lengths[jet_order].tolist()  # host read (CPU: free)
+        per_bucket = -(-self.num_seqs // self.buckets)
+        parts = []
+        for b0 in range(0, self.num_seqs, per_bucket):
+            chunk = sorted_lengths[b0:b0 + per_bucket]
+            cu = list(itertools.accumulate(chunk, initial=0))
+            cu_t = torch.tensor(cu, dtype=torch.int32, device=lengths.device)
+            parts.append(Packing(cu_t, max(max(chunk), 1), cu[-1], buckets=1))
+        return order, inverse, parts
+
+
+def _sdpa_upcast(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    # torch 2.13's CPU SDPA backward in bf16/fp16 is ~5-15x slower than in fp32 (measured at the
+    # reference size); on CPU the attention core therefore runs in fp32 (autocast off around it,
+    # else autocast would cast the inputs straight back to bf16).
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return dtype
+
+
+def _sdpa(q, k, v, **kwargs) -> torch.Tensor:
+    """F.scaled_dot_product_attention in the inputs' own dtype, whatever autocast says."""
+    with torch.autocast(q.device.type, enabled=False):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def padded_sdpa(q_BHND: torch.Tensor, k_BHND: torch.Tensor, v_BHND: torch.Tensor, *, causal: bool,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA on an already padded (B, H, N, D) layout under jetfm's kernel policy (fp32 core on
+    CPU); `attn_mask` bool, True = attend, combined with the causal mask when causal=True. For
+    code that keeps its own padded layout (baselines, classifier heads)."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    dtype = q_BHND.dtype
+    compute = _sdpa_upcast(dtype, q_BHND.device)
+    q, k, v = q_BHND.to(compute), k_BHND.to(compute), v_BHND.to(compute)
+    if attn_mask is None:
+        return _sdpa(q, k, v, is_causal=causal).to(dtype)
+    if causal:
+        N = q.shape[-2]
+        attn_mask = attn_mask & torch.ones(N, N, dtype=torch.bool, device=q.device).tril()
+    return _sdpa(q, k, v, attn_mask=attn_mask).to(dtype)
+
+
+def varlen_attention(
+    q_THD: torch.Tensor,
+    k_THD: torch.Tensor,
+    v_THD: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    causal: bool,
+    backend: AttentionBackend = AttentionBackend.SDPA,
+    softmax_scale: float | None = None,
+    packing: Packing | None = None,
+) -> torch.Tensor:
+    """Attention within each packed sequence: softmax(q k^T * scale [+ causal mask]) v.
+
+    q/k/v (T, H, D) packed; cu_seqlens (B+1,) int32; max_seqlen >= every length. `causal` is
+    required: True lets token i see tokens <= i of its own sequence, False all of them.
+    `packing` may carry precomputed indices for these cu_seqlens (shared across layers).
+    Returns (T, H, D).
+    """
+    if AttentionBackend(backend) is AttentionBackend.FLASH:
+        return _flash_varlen(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen, causal=causal, softmax_scale=softmax_scale)
+    return varlen_attention_qkv(
+        torch.stack([q_THD, k_THD, v_THD], 1), cu_seqlens, max_seqlen,
+        causal=causal, backend=backend, softmax_scale=softmax_scale, packing=packing,
+    )
+
+
+def varlen_attention_qkv(
+    qkv_T3HD: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    causal: bool,
+    backend: AttentionBackend = AttentionBackend.SDPA,
+    softmax_scale: float | None = None,
+    packing: Packing | None = None,
+) -> torch.Tensor:
+    """`varlen_attention` on q/k/v stacked as (T, 3, H, D) — what a fused qkv projection gives;
+    the SDPA path then pads one tensor instead of three. Returns (T, H, D)."""
+    if AttentionBackend(backend) is AttentionBackend.FLASH:
+        q_THD, k_THD, v_THD = qkv_T3HD.unbind(1)
+        return _flash_varlen(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen, causal=causal, softmax_scale=softmax_scale)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(qkv_T3HD.shape[-1])
+    if packing is None:
+        packing = Packing(cu_seqlens, max_seqlen, qkv_T3HD.shape[0])
+    dtype = qkv_T3HD.dtype
+    qkv_T3HD = qkv_T3HD.to(_sdpa_upcast(dtype, qkv_T3HD.device))
+    if packing.bucketing is None:
+        return _sdpa_padded(qkv_T3HD, packing, causal, scale).to(dtype)
+    order, inverse, parts = packing.bucketing
+    # torch.split (not slicing): its backward is one cat, slicing's one zero-filled full-size add per bucket
+    chunks = torch.split(qkv_T3HD.index_select(0, order), [sub.total for sub in parts])
+    outs = [_sdpa_padded(chunk, sub, causal, scale) for chunk, sub in zip(chunks, parts)]
+    return torch.cat(outs).index_select(0, inverse).to(dtype)
+
+
+def _flash_varlen(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen, *, causal: bool, softmax_scale: float | None):
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    AttentionBackend.FLASH.assert_supported(q_THD.device, q_THD.dtype)
+    cu = cu_seqlens.to(torch.int32)
+    return _flash_attn().flash_attn_varlen_func(
+        q_THD, k_THD, v_THD, cu, cu, int(max_seqlen), int(max_seqlen),
+        dropout_p=0.0, softmax_scale=softmax_scale, causal=causal,
+    )
+
+
+def _sdpa_padded(qkv_T3HD: torch.Tensor, packing: Packing, causal: bool, scale: float) -> torch.Tensor:
+    q_BHND, k_BHND, v_BHND = (t.transpose(1, 2) for t in packing.pad(qkv_T3HD).unbind(2))
+    if causal:
+        # Right padding: a real query i only reaches keys <= i, which are all real, so the
+        # causal mask alone is exact; padded query rows see real keys too (never fully masked).
+        o_BHND = _sdpa(q_BHND, k_BHND, v_BHND, is_causal=True, scale=scale)
+    else:
+        o_BHND = _sdpa(q_BHND, k_BHND, v_BHND, attn_mask=packing.key_mask, scale=scale)
+    return packing.unpad(o_BHND.transpose(1, 2))
+
+
+# --------------------------------------------------------------------------- KV cache
+class KVCache:
+    """Keys/values of a causal stack for incremental decoding, one new token per sequence a step.
+
+    Per layer, k/v are exposed as (B, H, L, D) (`k(layer)`, `v(layer)`); `lengths` (B,) int32
+    counts the tokens already cached per sequence. A step writes the new token's k/v of every
+    layer at position `lengths`, attends to positions <= lengths, and `advance()` then moves
+    all sequences on by one. Storage is (layers, B, L, H, D) — the layout flash-attn's
+    `flash_attn_with_kvcache` reads and appends to in place; SDPA reads the transposed view.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_heads: int,
+        head_dim: int,
+        max_len: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        backend: AttentionBackend = AttentionBackend.SDPA,
+    ):
+        self.backend = AttentionBackend(backend)
+        self.max_len = int(max_len)
+        shape = (num_layers, batch_size, self.max_len, num_heads, head_dim)
+        self._k = torch.zeros(shape, device=device, dtype=dtype)
+        self._v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, device=device, dtype=torch.int32)
+        self.seen = 0  # host-side max of lengths: all sequences advance together
+
+    @property
+    def num_layers(self) -> int:
+        return self._k.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self._k.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._k.dtype
+
+    def k(self, layer: int) -> torch.Tensor:
+        """(B, H, L, D) view of layer's cached keys."""
+        return self._k[layer].transpose(1, 2)
+
+    def v(self, layer: int) -> torch.Tensor:
+        """(B, H, L, D) view of layer's cached values."""
+        return self._v[layer].transpose(1, 2)
+
+    def advance(self) -> None:
+        """Call once per step, after every layer has attended."""
+        if self.seen >= self.max_len:
+            raise RuntimeError(f"KV cache full ({self.max_len} positions)")
+        self.lengths += 1
+        self.seen += 1
+
+    def attend(self, layer: int, q_BHD: torch.Tensor, k_BHD: torch.Tensor, v_BHD: torch.Tensor,
+               softmax_scale: float | None = None) -> torch.Tensor:
+        """Append one token's (B, H, D) k/v to `layer` and attend from its q to the cache. Returns (B, H, D)."""
+        if self.seen >= self.max_len:
+            raise RuntimeError(f"KV cache full ({self.max_len} positions)")
+        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q_BHD.shape[-1])
+        k_BHD, v_BHD = k_BHD.to(self.dtype), v_BHD.to(self.dtype)
+        if self.backend is AttentionBackend.FLASH:
+            self.backend.assert_supported(q_BHD.device, q_BHD.dtype)
+            out_B1HD = _flash_attn().flash_attn_with_kvcache(
+                q_BHD[:, None].to(self.dtype), self._k[layer], self._v[layer],
+                k=k_BHD[:, None], v=v_BHD[:, None], cache_seqlens=self.lengths,
+                softmax_scale=scale, causal=True,
+            )
+            return out_B1HD[:, 0].to(q_BHD.dtype)
+        arange_B = torch.arange(self.batch_size, device=self.lengths.device)
+        pos_B = self.lengths.long()
+        self._k[layer, arange_B, pos_B] = k_BHD
+        self._v[layer, arange_B, pos_B] = v_BHD
+        used = self.seen + 1  # attend only over the filled prefix of the cache
+        k_BHLD = self.k(layer)[:, :, :used]
+        v_BHLD = self.v(layer)[:, :, :used]
+        mask_B11L = (torch.arange(used, device=pos_B.device)[None, :] <= pos_B[:, None])[:, None, None, :]
+        compute = _sdpa_upcast(q_BHD.dtype, q_BHD.device)
+        out_BH1D = _sdpa(
+            q_BHD[:, :, None].to(compute), k_BHLD.to(compute), v_BHLD.to(compute), attn_mask=mask_B11L, scale=scale
+        )
+        return out_BH1D[:, :, 0].to(q_BHD.dtype)
+
+
+def reference_attention(q_THD, k_THD, v_THD, cu_seqlens, *, causal: bool, softmax_scale: float | None = None):
+    """Plain per-sequence softmax(q k^T) v loop in float64: the ground truth the kernels are tested against."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q_THD.shape[-1])
+    out = torch.zeros(q_THD.shape, dtype=torch.float64, device=q_THD.device)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        q, k, v = (t[start:end].double().transpose(0, 1) for t in (q_THD, k_THD, v_THD))  # (H, n, D)
+        scores = q @ k.transpose(1, 2) * scale
+        if causal:
+            n = end - start
+            scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=scores.device).tril(), float("-inf"))
+        out[start:end] = (scores.softmax(-1) @ v).transpose(0, 1)
+    return out.to(q_THD.dtype)

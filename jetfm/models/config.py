@@ -1,0 +1,124 @@
+"""Config sections of the pre-training stage: the model (`model:`) and the objective (`objective:`).
+
+Reference defaults are the published example settings (SCIENCE.md §3). The vocabulary is NOT a
+model setting: it comes from the data manifest (`manifest.tokens["codebook_size"]`), with
+start = 0, particle = code + 1, stop = codebook_size + 1, vocab = codebook_size + 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+INPUT_MODES = ("continuous", "token")
+ATTENTION_BACKENDS = ("sdpa", "flash")
+CONDITIONINGS = ("none", "multiplicity", "class")
+OBJECTIVES = ("ntp", "mpm", "joint")
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 128
+    """Width of the residual stream (backbone and heads)."""
+
+    num_heads: int = 8
+    """Attention heads per block; `dim` must be divisible by it."""
+
+    num_blocks: int = 8
+    """Pre-LayerNorm transformer blocks in the backbone."""
+
+    mlp_ratio: float = 4.0
+    """Backbone MLP hidden width = mlp_ratio * dim (GELU)."""
+
+    dropout: float = 0.1
+    """Dropout on the residual branches (attention output and MLP output). Never applied to logits."""
+
+    input_mode: str = "continuous"
+    """`continuous`: Linear projection of per-particle features (raw or tokenizer-reconstructed,
+    see `data.inputs`) with a trainable start vector; `token`: embedding table over token ids."""
+
+    num_features: int | None = None
+    """Width F of the continuous input; None = number of entries in `data.features`."""
+
+    head_blocks: int = 2
+    """Transformer blocks in each pre-training head (NTP, MPM)."""
+
+    head_mlp_ratio: float = 2.0
+    """Head MLP hidden width = head_mlp_ratio * dim."""
+
+    attention: str = "sdpa"
+    """Attention kernel: `sdpa` (torch SDPA, any device) or `flash` (flash-attn varlen, CUDA,
+    fp16/bf16 only). An unsupported combination raises when the model is built."""
+
+    conditioning: str = "none"
+    """Jet-level conditioning added to every position of the backbone input: `none`,
+    `multiplicity` (embedding of the number of particles n) or `class` (embedding of the label)."""
+
+    max_particles: int = 128
+    """Largest multiplicity the model accepts; the NTP sequence is at most max_particles + 1 long
+    (start + particles), which is also the generation length limit and the KV-cache size."""
+
+    def __post_init__(self):
+        if self.input_mode not in INPUT_MODES:
+            raise ValueError(f"model.input_mode must be one of {INPUT_MODES}, got {self.input_mode!r}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"model.attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"model.conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
+        for name in ("dim", "num_heads", "num_blocks", "head_blocks", "max_particles"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"model.dim={self.dim} must be divisible by model.num_heads={self.num_heads}")
+        if self.attention == "flash" and (self.dim // self.num_heads) % 8:
+            raise ValueError(f"flash attention needs a head dim divisible by 8, got {self.dim // self.num_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.mlp_ratio <= 0 or self.head_mlp_ratio <= 0:
+            raise ValueError("model.mlp_ratio and model.head_mlp_ratio must be > 0")
+        if self.num_features is not None and self.num_features < 1:
+            raise ValueError(f"model.num_features must be >= 1 or null, got {self.num_features}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "joint"
+    """Pre-training objective: `ntp` (next-token prediction, causal), `mpm` (masked-particle
+    modelling, bidirectional) or `joint` (both; loss = ntp_weight * L_ntp + mpm_weight * L_mpm)."""
+
+    mask_fraction: float = 0.4
+    """MPM: fraction of each jet's particles that is masked: exactly floor(mask_fraction * n + 0.5)
+    particles, clipped to [1, n - 1] for n >= 2; single-particle jets mask nothing."""
+
+    ntp_weight: float = 1.0
+    """Weight of the NTP cross-entropy in the joint loss (ignored unless name == joint)."""
+
+    mpm_weight: float = 1.0
+    """Weight of the MPM cross-entropy in the joint loss (ignored unless name == joint)."""
+
+    num_mask_vectors: int | None = None
+    """Learned MPM mask vectors (mask vector k goes to the k-th highest-pT masked particle);
+    None = model.max_particles (always enough)."""
+
+    def __post_init__(self):
+        if self.name not in OBJECTIVES:
+            raise ValueError(f"objective.name must be one of {OBJECTIVES}, got {self.name!r}")
+        if not 0.0 < self.mask_fraction < 1.0:
+            raise ValueError(f"objective.mask_fraction must be in (0, 1), got {self.mask_fraction}")
+        if self.ntp_weight < 0 or self.mpm_weight < 0:
+            raise ValueError("objective.ntp_weight and objective.mpm_weight must be >= 0")
+        if self.name == "joint" and self.ntp_weight == 0 and self.mpm_weight == 0:
+            raise ValueError("objective.name=joint needs ntp_weight > 0 or mpm_weight > 0")
+        if self.num_mask_vectors is not None and self.num_mask_vectors < 1:
+            raise ValueError(f"objective.num_mask_vectors must be >= 1 or null, got {self.num_mask_vectors}")
+
+    @property
+    def uses_ntp(self) -> bool:
+        return self.name in ("ntp", "joint")
+
+    @property
+    def uses_mpm(self) -> bool:
+        return self.name in ("mpm", "joint")
