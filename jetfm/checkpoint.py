@@ -1,0 +1,266 @@
+"""Checkpoints: one directory per step, written atomically, found again by `--resume`.
+
+    out_dir/checkpoints/step-000123/     accelerate save_state: model (model.safetensors, FSDP2
+                                         DCP shards or DeepSpeed files), optimizer, scheduler,
+                                         random_states_<rank>.pkl (python/numpy/torch RNG)
+                                         + config.yaml (resolved) + trainer_state.json
+    out_dir/checkpoints/latest           "step-000123": the newest complete checkpoint
+
+A checkpoint is written by every process into `step-000123.tmp/` (trainer_state.json last),
+then renamed by rank 0: a directory named `step-NNNNNN` is always complete. If writing fails
+anywhere (disk full, ...) the temp directory is removed, the previous checkpoint stays as it
+was, and `CheckpointError` says so on every rank. Loading goes through accelerate's
+load_state, which reads weights with safetensors / `torch.load(weights_only=True)`. DeepSpeed's
+own loader asks for `weights_only=False`; jetfm holds it to weights_only=True too, allowing only
+the few plain DeepSpeed classes its ZeRO files name (loss scaler, stage enum, fragment address):
+a checkpoint never runs code.
+
+trainer_state.json: step, epoch, per-rank data-loader states, MLflow run id, last metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.yaml"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or found; the message says what is still intact."""
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write-then-rename with fsync: the file is either the old or the new version, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _anyone(accelerator, flag: bool) -> bool:
+    """True on every rank if `flag` is True on any rank (one small all-reduce)."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+
+
+# --------------------------------------------------------------------------- finding
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `root` (a checkpoints/ directory), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = _STEP_DIR.match(entry.name)
+        if match and entry.is_dir() and (entry / STATE_FILE).is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint `latest` points to if complete, else the newest complete one, else None."""
+    root = Path(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        target = root / pointer.read_text().strip()
+        if _STEP_DIR.match(target.name) and (target / STATE_FILE).is_file():
+            return target
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def find_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
+    """What `--resume` means: None (fresh run), "auto" (latest under run_dir, or None), or a path.
+
+    A path may be a checkpoint directory, a checkpoints/ directory or a run directory.
+    """
+    if resume is None:
+        return None
+    if resume == "auto":
+        return latest_checkpoint(Path(run_dir) / CHECKPOINTS)
+    path = Path(resume)
+    if (path / STATE_FILE).is_file():
+        return path
+    for root in (path / CHECKPOINTS, path):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    raise CheckpointError(
+        f"--resume {resume}: no complete checkpoint there (expected a step-NNNNNN directory holding {STATE_FILE}, "
+        "or a run directory with checkpoints/)"
+    )
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    path = Path(checkpoint) / STATE_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: unreadable trainer state ({error})") from error
+
+
+# --------------------------------------------------------------------------- writing
+def save_checkpoint(accelerator, run_dir: Path, step: int, *, config_yaml: str, trainer_state: dict, keep: int = 0) -> Path:
+    """Write checkpoint `step` (collective: every process calls it). Returns its directory."""
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / step_name(step)
+    tmp = root / (step_name(step) + ".tmp")
+    main = accelerator.is_main_process
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a crash while writing this step before
+    accelerator.wait_for_everyone()
+    previous = latest_checkpoint(root)
+
+    # phase 1: every process writes its part into the temp directory
+    error: BaseException | None = None
+    try:
+        accelerator.save_state(str(tmp))
+        if main:
+            _write_text(tmp / CONFIG_FILE, config_yaml)
+            state = dict(trainer_state, step=step, saved_at=_now())
+            _write_text(tmp / STATE_FILE, json.dumps(state, indent=1))  # last: marks the directory complete
+            _fsync_dir(tmp)
+    except Exception as caught:  # noqa: BLE001 - any failure must leave the old checkpoint usable
+        error = caught
+    if _anyone(accelerator, error is not None):
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_failure(final, error, previous)) from error
+
+    # phase 2: rank 0 publishes it (rename, pointer, pruning)
+    error = None
+    if main:
+        try:
+            if final.exists():  # same step written before (e.g. a rerun): swap it out
+                old = root / (step_name(step) + ".old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(root)
+            _write_text(root / LATEST, final.name + "\n")
+            prune(root, keep)
+        except Exception as caught:  # noqa: BLE001
+            error = caught
+            shutil.rmtree(tmp, ignore_errors=True)
+    if _anyone(accelerator, error is not None):
+        raise CheckpointError(_failure(final, error, previous))
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _failure(final: Path, error: BaseException | None, previous: Path | None) -> str:
+    cause = f"{type(error).__name__}: {error}" if error is not None else "on another rank (see its log)"
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    return f"writing checkpoint {final} failed ({cause}); its temporary directory was removed and {kept}"
+
+
+def prune(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints (0 keeps all) and stale temp dirs."""
+    root = Path(root)
+    removed = []
+    for entry in root.iterdir():
+        if entry.is_dir() and (entry.name.endswith(".tmp") or entry.name.endswith(".old")):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    if keep > 0:
+        latest = latest_checkpoint(root)
+        for _, path in list_checkpoints(root)[:-keep]:
+            if path != latest:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+#: Plain-data classes inside DeepSpeed ZeRO checkpoint files, allowed to the weights-only unpickler.
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+@contextlib.contextmanager
+def _weights_only_loads():
+    """Every torch.load inside the block uses weights_only=True (DeepSpeed passes False)."""
+    allowed = []
+    if "deepspeed" in sys.modules:  # importing it costs seconds; a DeepSpeed run has it already
+        for name in DEEPSPEED_SAFE_GLOBALS:
+            module, _, attr = name.rpartition(".")
+            try:
+                allowed.append(getattr(importlib.import_module(module), attr))
+            except (ImportError, AttributeError):
+                pass
+    original = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        torch.load = original
+
+
+def load_checkpoint(accelerator, checkpoint: Path) -> dict:
+    """Restore model/optimizer/scheduler/RNG from `checkpoint` (collective); returns trainer_state."""
+    from accelerate.utils import DistributedType
+
+    state = read_trainer_state(checkpoint)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    try:
+        with _weights_only_loads() if deepspeed else contextlib.nullcontext():
+            accelerator.load_state(str(checkpoint))
+    except Exception as error:
+        raise CheckpointError(
+            f"{checkpoint}: cannot restore the training state ({type(error).__name__}: {error}); a checkpoint "
+            "resumes under the same parallelism (DDP/FSDP/DeepSpeed) and model config it was written with"
+        ) from error
+    return state
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
