@@ -30,7 +30,17 @@ DATA_COMMANDS = {
     "tokenize": ("jetfm.tokenizer.tokenize", "add_tokenize_arguments", "run_tokenize",
                  "add token ids (and reconstructed features) to a shard set with a trained tokenizer"),
 }
+EVALUATE_COMMANDS = {
+    "generative": ("jetfm.evaluation.generative", "add_generative_arguments", "run_generative",
+                   "compare generated jets with reference jets: distributions, KL, W1, plots"),
+    "classifier": ("jetfm.finetune.evaluate", "add_classifier_arguments", "run_classifier",
+                   "accuracy, AUC, background rejection, ROC and confusion of a fine-tuned classifier"),
+}
 TOP_COMMANDS = {
+    "generate": ("jetfm.generate", "add_generate_arguments", "run_generate",
+                 "sample jets from a pre-trained NTP/joint model (KV cache) into shards"),
+    "sweep": ("jetfm.sweep", "add_sweep_arguments", "run_sweep",
+              "run a grid of fine-tunings (the data-efficiency study) and plot it"),
     "demo": ("jetfm.demo", "add_demo_arguments", "run_demo",
              "run the whole chain small on CPU: generate → tokenizer → pre-training"),
 }
@@ -42,7 +52,9 @@ def _add(subparsers, name: str, spec: tuple) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     try:
         module = importlib.import_module(module_name)
-    except ImportError as error:  # a part not installed/built yet: say so when used
+    except ModuleNotFoundError as error:  # an optional part missing (not a bug inside it): say so when used
+        if error.name is None or not module_name.startswith(error.name):
+            raise
         parser.set_defaults(_unavailable=f"`{name}` is unavailable: {error}")
         return
     getattr(module, add_name)(parser)
@@ -63,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", metavar="STEP")
     for name, spec in DATA_COMMANDS.items():
         _add(data_commands, name, spec)
+    evaluate = commands.add_parser("evaluate", help="evaluate generated jets or a classifier")
+    evaluate_commands = evaluate.add_subparsers(dest="evaluate_command", metavar="WHAT")
+    for name, spec in EVALUATE_COMMANDS.items():
+        _add(evaluate_commands, name, spec)
     for name, spec in TOP_COMMANDS.items():
         _add(commands, name, spec)
     commands.add_parser("train", help="train a stage: same as `python jetfm/train.py` (see `jetfm train --help`)",
@@ -88,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jetfm: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("jetfm: interrupted; finished shards are kept, rerun the same command to continue", file=sys.stderr)
+        print("jetfm: interrupted", file=sys.stderr)
         return 130
 
 
