@@ -117,8 +117,10 @@ def bench_convert(tmp: Path, jets: int) -> list[dict]:
     for name in ("jet_pt", "jet_eta", "jet_phi", "jet_energy"):
         branches[name] = np.asarray(ak.sum(ak.unflatten(pt, sample.multiplicity), axis=1), np.float32)
     branches["jet_nparticles"] = sample.multiplicity.astype(np.float32)
-    for k, cls in enumerate(("QCD", "Hbb", "Hcc", "Hgg", "H4q", "Hqql", "Zqq", "Wqq", "Tbqq", "Tbl")):
-        branches[f"label_{cls}"] = (sample.label == (0 if k == 0 else 8)) if k in (0, 8) else np.zeros(jets, bool)
+    for cls in ("QCD", "Hbb", "Hcc", "Hgg", "H4q", "Hqql", "Zqq", "Wqq", "Tbqq", "Tbl"):
+        branches[f"label_{cls}"] = np.zeros(jets, bool)
+    branches["label_QCD"] = sample.label == 0  # synthetic label 0 -> QCD, 1 -> Tbqq
+    branches["label_Tbqq"] = sample.label == 1
     with uproot.recreate(tmp / "TTBar_000.root") as f:
         f.mktree("tree", {k: (v.type if isinstance(v, ak.Array) else v.dtype) for k, v in branches.items()})
         f["tree"].extend(branches)

@@ -142,7 +142,7 @@ def consumer_units(units: list[Unit], seed: int, epoch: int, shuffle: bool, cons
 
 
 class JetDataset(IterableDataset):
-    """Yields (JetBatch, (logical_worker, block, offset)) for one epoch of one rank.
+    """Yields (batch arrays, (logical_worker, block, offset)) for one epoch of one rank.
 
     Use through `JetLoader`, which owns epochs, workers and resume state.
     """
@@ -265,8 +265,12 @@ class JetDataset(IterableDataset):
             order = np.arange(len(jets))
         return jets, x, reco, order
 
-    def _make_batch(self, pieces) -> JetBatch:
-        """pieces: list of (jets, x, reco, jet_indices) from one or two blocks."""
+    def _make_batch(self, pieces) -> dict[str, np.ndarray | int | None]:
+        """pieces: list of (jets, x, reco, jet_indices) from one or two blocks.
+
+        Returns numpy arrays, not tensors: from a worker process they travel by value through
+        the pipe, which for batch-sized arrays is far cheaper than torch's shared-memory files.
+        """
         xs, recos, tokens, counts, jet_rows, labels = [], [], [], [], [], []
         for jets, x, reco, idx in pieces:
             rows = jets.particle_index(idx)
@@ -281,15 +285,15 @@ class JetDataset(IterableDataset):
         counts = np.concatenate(counts)
         cu = np.zeros(len(counts) + 1, np.int32)
         np.cumsum(counts, out=cu[1:])
-        return JetBatch(
-            x=torch.from_numpy(np.concatenate(xs)),
-            cu_seqlens=torch.from_numpy(cu),
-            max_seqlen=int(counts.max()) if len(counts) else 0,
-            labels=torch.from_numpy(np.concatenate(labels)),
-            jet=torch.from_numpy(np.concatenate(jet_rows)),
-            tokens=torch.from_numpy(np.concatenate(tokens).astype(np.int64)) if len(tokens) == len(pieces) else None,
-            reco=torch.from_numpy(np.concatenate(recos)) if len(recos) == len(pieces) else None,
-        )
+        return {
+            "x": np.concatenate(xs),
+            "cu_seqlens": cu,
+            "max_seqlen": int(counts.max()) if len(counts) else 0,
+            "labels": np.concatenate(labels),
+            "jet": np.concatenate(jet_rows),
+            "tokens": np.concatenate(tokens).astype(np.int64) if len(tokens) == len(pieces) else None,
+            "reco": np.concatenate(recos) if len(recos) == len(pieces) else None,
+        }
 
     def iterate_consumer(self, logical_worker: int):
         blocks = self.plan(logical_worker)
@@ -319,6 +323,19 @@ class JetDataset(IterableDataset):
             return
         torch.set_num_threads(1)
         yield from self.iterate_consumer((info.id + self.rotation) % self.num_workers)
+
+
+def _keep_numpy(item):
+    """DataLoader collate: pass numpy through (the default would convert in the worker)."""
+    return item
+
+
+def to_jet_batch(arrays: dict) -> JetBatch:
+    """Wrap a batch of numpy arrays as tensors (zero-copy)."""
+    tensor = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
+    return JetBatch(x=tensor(arrays["x"]), cu_seqlens=tensor(arrays["cu_seqlens"]), max_seqlen=arrays["max_seqlen"],
+                    labels=tensor(arrays["labels"]), jet=tensor(arrays["jet"]), tokens=tensor(arrays["tokens"]),
+                    reco=tensor(arrays["reco"]))
 
 
 class JetLoader:
@@ -356,16 +373,16 @@ class JetLoader:
         ds.start_positions = dict(self.positions)
         cap = self.batches_per_epoch() if self.drop_uneven else None
         if self.num_workers > 0:
-            source = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+            source = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_keep_numpy,
                                 prefetch_factor=self.prefetch_factor, persistent_workers=False)
         else:
             source = ds
         if cap is None or self.batches_done < cap:
-            for batch, (worker, block, offset) in source:
+            for arrays, (worker, block, offset) in source:
                 self.positions[worker] = (block, offset)
                 self.next_worker = (worker + 1) % ds.num_workers
                 self.batches_done += 1
-                yield batch
+                yield to_jet_batch(arrays)
                 if cap is not None and self.batches_done >= cap:
                     break
         self.epoch += 1
