@@ -319,6 +319,12 @@ class KVCache:
         """(B, H, L, D) view of layer's cached values."""
         return self._v[layer].transpose(1, 2)
 
+    def select(self, index_b: torch.Tensor) -> None:
+        """Keep only the sequences `index_b` (b,) int64, in that order (drop finished jets)."""
+        self._k = self._k.index_select(1, index_b)
+        self._v = self._v.index_select(1, index_b)
+        self.lengths = self.lengths.index_select(0, index_b)
+
     def advance(self) -> None:
         """Call once per step, after every layer has attended."""
         if self.seen >= self.max_len:

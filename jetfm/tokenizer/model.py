@@ -285,6 +285,11 @@ class DecoderCache:
     def capacity(self) -> int:
         return self.keys[0].shape[2]
 
+    def select(self, index_b: torch.Tensor) -> None:
+        """Keep only the jets `index_b` (b,) int64, in that order (drop finished jets)."""
+        self.keys = [k.index_select(0, index_b) for k in self.keys]
+        self.values = [v.index_select(0, index_b) for v in self.values]
+
 
 # ---------------------------------------------------------------------- the model
 class ParticleTokenizer(nn.Module):

@@ -1,0 +1,153 @@
+"""Generation throughput: jets/s with the KV caches vs the full-prefix recompute of the reference.
+
+    python benchmarks/generate_throughput.py                               # batch 64, length 100, both input modes
+    python benchmarks/generate_throughput.py --batch-sizes 64,256 --modes continuous --ref-iters 1
+    python benchmarks/generate_throughput.py --device cuda --batch-sizes 256,1024
+
+Models at the reference size with random (untrained) weights, which is all speed needs:
+backbone 8 blocks x 128 (8 heads, MLP x4) + NTP head 2 blocks (MLP x2) over the 8194-token
+vocabulary; tokenizer 4 + 4 blocks x 128, codebook 8192, latent 8. Every jet is forced to the
+full length (`min_length = max_length`: stop is never sampled), so both paths do the same number
+of steps. Modes: `continuous` (each sampled token decoded by the tokenizer's causal decoder and
+fed back as features: the paper's hybrid) and `token` (token ids fed back).
+
+- cached: `generate_jets(use_cache=True)` — backbone + head KV cache, decoder KV cache, one new
+  position per step.
+- recompute: `generate_jets(use_cache=False)` — the reference algorithm: each step re-decodes
+  the whole prefix and re-runs backbone + head on it (projecting only the last position onto
+  the vocabulary, so this baseline is a little faster than the reference's full-logits pass).
+
+Warm-up runs (shorter: 8 positions) precede the timed ones; times are wall-clock with the
+device synchronised; CPU seconds of the process are printed too (the machine may be shared).
+Prints a table, then one JSON line with hardware, versions and config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jetfm.generate import generate_jets  # noqa: E402
+from jetfm.models.config import ModelConfig, ObjectiveConfig  # noqa: E402
+from jetfm.models.pretrain import PretrainModel  # noqa: E402
+from jetfm.tokenizer.config import TokenizerConfig  # noqa: E402
+from jetfm.tokenizer.model import ParticleTokenizer  # noqa: E402
+
+
+def build(mode: str, device, codebook: int):
+    torch.manual_seed(0)
+    model = PretrainModel(
+        ModelConfig(dim=128, num_heads=8, num_blocks=8, head_blocks=2, input_mode=mode, max_particles=128),
+        ObjectiveConfig(name="ntp"), vocab_size=codebook + 2, num_features=3,
+    ).to(device).eval()
+    tokenizer = ParticleTokenizer(TokenizerConfig(codebook_size=codebook)).to(device).eval()
+    return model, tokenizer
+
+
+def timed(fn, device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of fn()."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def run(model, tokenizer, *, batch: int, length: int, use_cache: bool, iters: int, warmup: int, device):
+    def once(L):
+        generator = torch.Generator(device=device).manual_seed(0)
+        out = generate_jets(model, tokenizer, batch, batch_size=batch, max_length=L, min_length=L,
+                            generator=generator, use_cache=use_cache)
+        assert int(out.lengths.min()) == L, "every jet must run to the forced length"
+
+    for _ in range(warmup):
+        once(min(8, length))
+    times = [timed(lambda: once(length), device) for _ in range(iters)]
+    wall = statistics.median(t[0] for t in times)
+    cpu = statistics.median(t[1] for t in times)
+    return {"batch": batch, "length": length, "cache": use_cache, "iters": iters, "seconds": wall,
+            "cpu_seconds": cpu, "jets_per_s": batch / wall, "particles_per_s": batch * length / wall,
+            "jets_per_cpu_s": batch / max(cpu, 1e-9)}
+
+
+def hardware(device) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "device": str(device)}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-sizes", default="64", help="comma-separated jets per batch (default 64)")
+    parser.add_argument("--length", type=int, default=100, help="particles per jet, forced (default 100)")
+    parser.add_argument("--modes", default="continuous,token", help="input modes (default continuous,token)")
+    parser.add_argument("--codebook", type=int, default=8192, help="codebook size (default 8192)")
+    parser.add_argument("--iters", type=int, default=3, help="timed runs of the cached path (median)")
+    parser.add_argument("--ref-iters", type=int, default=1, help="timed runs of the recompute path (0 skips it)")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up runs per configuration")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    results = []
+    with torch.inference_mode():
+        for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+            model, tokenizer = build(mode, device, args.codebook)
+            for batch in [int(b) for b in args.batch_sizes.split(",") if b.strip()]:
+                cached = run(model, tokenizer, batch=batch, length=args.length, use_cache=True, iters=args.iters,
+                             warmup=args.warmup, device=device)
+                row = {"mode": mode, **cached}
+                results.append(row)
+                print(f"{mode:>10} batch {batch:>5} cached    {cached['jets_per_s']:9.2f} jets/s "
+                      f"({cached['seconds']:.2f} s, {cached['cpu_seconds']:.2f} CPU s)", file=sys.stderr, flush=True)
+                if args.ref_iters:
+                    ref = run(model, tokenizer, batch=batch, length=args.length, use_cache=False,
+                              iters=args.ref_iters, warmup=args.warmup, device=device)
+                    results.append({"mode": mode, **ref})
+                    row["speedup"] = ref["seconds"] / cached["seconds"]
+                    row["speedup_cpu"] = ref["cpu_seconds"] / max(cached["cpu_seconds"], 1e-9)
+                    print(f"{mode:>10} batch {batch:>5} recompute {ref['jets_per_s']:9.2f} jets/s "
+                          f"({ref['seconds']:.2f} s, {ref['cpu_seconds']:.2f} CPU s)", file=sys.stderr, flush=True)
+
+    print(f"\nGeneration throughput, reference size (8x128 backbone + 2-block NTP head, tokenizer 4+4x128, "
+          f"codebook {args.codebook}), length {args.length} forced, {device}\n")
+    print("| input | batch | path | jets/s | particles/s | s / batch | CPU s / batch | speed-up |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        speed = f"{r['speedup']:.1f}x (CPU {r['speedup_cpu']:.1f}x)" if "speedup" in r else ""
+        print(f"| {r['mode']} | {r['batch']} | {'KV cache' if r['cache'] else 'recompute'} | {r['jets_per_s']:.2f} | "
+              f"{r['particles_per_s']:.0f} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | {speed} |")
+    config = {"length": args.length, "codebook": args.codebook, "iters": args.iters, "ref_iters": args.ref_iters,
+              "warmup": args.warmup, "backbone": "8x128, 8 heads, MLP x4; NTP head 2 blocks MLP x2",
+              "tokenizer": "4+4 blocks x128, 8 heads, latent 8"}
+    print(json.dumps({"benchmark": "generate_throughput", "hardware": hardware(device), "config": config,
+                      "results": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
