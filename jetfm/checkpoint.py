@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from .data.shards import atomic_write_text
+
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
@@ -49,12 +51,7 @@ def step_name(step: int) -> str:
 
 def _write_text(path: Path, text: str) -> None:
     """Write-then-rename with fsync: the file is either the old or the new version, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -15,6 +15,17 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models: intra-op threads only add barrier overhead (10x slower on a loaded 2-core box)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 #: jets per class and split of the session dataset; 2 classes -> 1,200 jets, ~15 s of Pythia
 TOPTAG_JETS = {"train": 400, "val": 100, "test": 100}
 

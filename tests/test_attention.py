@@ -19,14 +19,6 @@ from jetfm.models.attention import (
 H, D = 2, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add barrier overhead (10x slower on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def packed_qkv(lengths, dtype=torch.float32, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)

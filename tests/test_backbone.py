@@ -46,14 +46,6 @@ def run_config(model_kw=None, objective_kw=None, features=("part_pt", "part_etar
 MANIFEST = SimpleNamespace(tokens={"codebook_size": CODEBOOK}, classes=["QCD", "Hbb", "Tbqq"])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add barrier overhead (10x slower on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # --------------------------------------------------------------------------- config / build
 @pytest.mark.parametrize(

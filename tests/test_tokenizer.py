@@ -35,14 +35,6 @@ REFERENCE_FEATURES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and the CI machines are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ---------------------------------------------------------------------- synthetic jets
 def synthetic_jets(rng: np.random.Generator, n_jets: int, max_mult: int = 24) -> JetArrays:

@@ -41,6 +41,7 @@ SPLITS = ("train", "val", "test")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write-then-rename with fsync: the file is either the old or the new version, never half."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as handle:
         handle.write(text)
