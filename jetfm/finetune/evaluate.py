@@ -1,0 +1,343 @@
+"""Classifier evaluation: the fine-tuning stage's validation and `jetfm evaluate classifier`.
+
+    jetfm evaluate classifier --checkpoint runs/finetune_toptag/best --data data/toptag [--split test] [--out DIR]
+
+prints and writes (DIR, default <run>/eval/<split>_<checkpoint name>/):
+    metrics.json     accuracy, AUC (macro one-vs-rest for > 2 classes), background rejection
+                     1/eps_B at eps_S = 0.3 and 0.5 with its binomial uncertainty and the number of
+                     background jets (and of those passing), per-class table, confusion matrix
+    roc.png          1/eps_B vs eps_S, every class against the background class
+    confusion.png    row-normalised confusion matrix
+and logs the metrics (`<split>/accuracy`, `<split>/auc`, `<split>/rejection_eff0.3`, ...) and the
+files to the MLflow run that trained the checkpoint (its id is in <run>/summary.json).
+
+During training the trainer calls `evaluate(model, batches, cfg, out_dir)` on every rank: it
+returns {"loss", "acc", "auc"} over the validation batches of ALL ranks (predictions are
+gathered first: an AUC is not a mean of per-rank AUCs).
+
+Legend: N jets, C classes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+EFFICIENCIES = (0.3, 0.5)
+
+
+# --------------------------------------------------------------------------- predictions
+@torch.no_grad()
+def predict(model, batches, device=None, progress=None) -> dict:
+    """{"labels" (N,) int64, "probs" (N, C) float64, "loss" mean cross-entropy} over `batches`."""
+    labels, probs = [], []
+    loss_sum, n = 0.0, 0
+    for batch in batches:
+        if device is not None:
+            batch = batch.to(device)
+        model.check_labels(batch.labels)
+        logits_BC = model.logits(batch).float()
+        loss_sum += float(F.cross_entropy(logits_BC, batch.labels, reduction="sum"))
+        n += batch.num_jets
+        labels.append(batch.labels.cpu().numpy())
+        probs.append(logits_BC.softmax(-1).double().cpu().numpy())
+        if progress is not None:
+            progress.update(batch.num_jets)
+    C = model.num_classes
+    return {
+        "labels": np.concatenate(labels) if labels else np.zeros(0, np.int64),
+        "probs": np.concatenate(probs) if probs else np.zeros((0, C)),
+        "loss": loss_sum / max(n, 1),
+        "n": n,
+    }
+
+
+def _gather(result: dict) -> dict:
+    """Predictions of every rank, concatenated in rank order (identical on all ranks)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return result
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, {k: result[k] for k in ("labels", "probs", "loss", "n")})
+    n = sum(p["n"] for p in parts)
+    return {
+        "labels": np.concatenate([p["labels"] for p in parts]),
+        "probs": np.concatenate([p["probs"] for p in parts]),
+        "loss": sum(p["loss"] * p["n"] for p in parts) / max(n, 1),
+        "n": n,
+    }
+
+
+def _safe_auc(labels, probs) -> float:
+    from jetfm.metrics import auc
+
+    try:
+        return auc(labels, probs)
+    except ValueError:  # a class absent from these few validation jets
+        return math.nan
+
+
+def evaluate(model, loader, cfg, out_dir) -> dict[str, float]:
+    """The trainer's validation (called on every rank, eval mode, no_grad): loss, acc, auc."""
+    result = _gather(predict(model, loader))
+    labels, probs = result["labels"], result["probs"]
+    if result["n"] == 0:
+        return {"loss": math.nan, "acc": math.nan, "auc": math.nan}
+    return {
+        "loss": float(result["loss"]),
+        "acc": float(np.mean(probs.argmax(1) == labels)),
+        "auc": _safe_auc(labels, probs),
+    }
+
+
+# --------------------------------------------------------------------------- jetfm evaluate classifier
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def find_mlflow_run(checkpoint: Path) -> tuple[str | None, str | None]:
+    """(tracking uri, run id) of the run that wrote `checkpoint` (<run>/summary.json, else the
+    newest checkpoints/step-*/trainer_state.json), or (None, None)."""
+    run_dir = Path(checkpoint).resolve().parent
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        try:
+            mlflow = json.loads(summary.read_text()).get("mlflow") or {}
+            if mlflow.get("run_id"):
+                return mlflow.get("uri"), mlflow["run_id"]
+        except (OSError, json.JSONDecodeError):
+            pass
+    from jetfm.checkpoint import latest_checkpoint, read_trainer_state
+
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    if latest is not None:
+        try:
+            state = read_trainer_state(latest)
+            if state.get("mlflow_run_id"):
+                return state.get("mlflow_uri"), state["mlflow_run_id"]
+        except Exception:  # noqa: BLE001
+            pass
+    return None, None
+
+
+def _class_index(name, classes: list[str], what: str) -> int:
+    if name in classes:
+        return classes.index(name)
+    if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):
+        index = int(name)
+        if 0 <= index < len(classes):
+            return index
+    raise ValueError(f"{what} {name!r} is not one of the classes {classes}")
+
+
+def headline(report: dict) -> dict:
+    """The numbers a table row needs: accuracy, auc and, with a signal class, its rejections
+    (value, uncertainty, background jets, background jets passing, lower limit if none passed)."""
+    out = {"n_jets": report["n_jets"], "accuracy": report["accuracy"], "auc": report["auc"],
+           "signal_class": report.get("signal_class"), "background_class": report["background_class"]}
+    n_bkg = report["classes"][report["background_class"]]["n"]
+    out["n_background"] = n_bkg
+    sig = report.get("signal_class")
+    if sig is not None:
+        row = report["classes"][sig]
+        out["n_signal"] = row["n"]
+        for eff in EFFICIENCIES:
+            key = f"rejection@{eff}"
+            if key in row:
+                passing = row[f"{key}_n_background_passing"]
+                out[key] = row[key]
+                out[f"{key}_unc"] = row[f"{key}_unc"]
+                out[f"{key}_n_background_passing"] = passing
+                out[f"{key}_lower_limit"] = n_bkg / 3.0 if passing == 0 else None
+    return out
+
+
+def format_headline(h: dict) -> str:
+    lines = [f"jets {h['n_jets']:,}   accuracy {h['accuracy']:.4f}   AUC {h['auc']:.4f}"]
+    if h.get("signal_class") is not None:
+        for eff in EFFICIENCIES:
+            key = f"rejection@{eff}"
+            if key not in h:
+                continue
+            if h[f"{key}_n_background_passing"] == 0:
+                value = f"> {h[f'{key}_lower_limit']:.4g} (95% CL; no background jet passes)"
+            else:
+                value = f"{h[key]:.4g} ± {h[f'{key}_unc']:.2g}"
+            lines.append(f"1/eps_B at eps_S = {eff:.0%} ({h['signal_class']} vs {h['background_class']}): {value}   "
+                         f"[{h['n_background']:,} background jets, {h[f'{key}_n_background_passing']} passing]")
+    return "\n".join(lines)
+
+
+def _log_to_mlflow(uri: str, run_id: str, split: str, tag: str, h: dict, report: dict, files: list[Path]) -> str:
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from jetfm.tracking import sanitize_key
+
+    now = int(time.time() * 1000)
+    values = {f"{split}/accuracy": h["accuracy"], f"{split}/auc": h["auc"]}
+    for eff in EFFICIENCIES:
+        key = f"rejection@{eff}"
+        if key in h:
+            values[f"{split}/rejection_eff{eff}"] = h[key]
+            values[f"{split}/rejection_eff{eff}_unc"] = h[f"{key}_unc"]
+            values[f"{split}/rejection_eff{eff}_n_background_passing"] = h[f"{key}_n_background_passing"]
+    for name, row in report["classes"].items():
+        for key in ("recall", "precision", "auc_ovr"):
+            values[f"{split}/{name}/{key}"] = row[key]
+    metrics = [Metric(sanitize_key(k), float(v), now, 0) for k, v in values.items()
+               if v is not None and math.isfinite(float(v))]
+    client = MlflowClient(tracking_uri=uri)
+    client.log_batch(run_id, metrics=metrics, synchronous=True)
+    for path in files:
+        client.log_artifact(run_id, str(path), f"eval/{tag}")
+    return run_id
+
+
+def evaluate_classifier(checkpoint, data, *, split: str = "test", out=None, batch_size: int | None = None,
+                        device: str = "cpu", background=None, signal=None, mlflow: bool = True,
+                        progress: bool = True) -> dict:
+    """Evaluate an exported classifier on one split of `data`; writes metrics.json + plots to `out`
+    and returns the metrics.json content (see the module docstring)."""
+    from tqdm.auto import tqdm
+
+    from jetfm.data.format import DataError
+    from jetfm.data.reader import make_loader
+    from jetfm.data.shards import Manifest
+    from jetfm.metrics import classification_report, format_report, roc_curves_vs_background
+    from jetfm.metrics.plots import plot_confusion, plot_roc
+
+    from .model import check_class_counts, load_classifier
+
+    checkpoint, data = Path(checkpoint), Path(data)
+    model, cfg, meta = load_classifier(checkpoint, device=device)
+    classes = list(meta["classes"])
+    manifest = Manifest.load(data)
+    if list(manifest.classes) != classes:
+        raise DataError(f"classes differ: the classifier {checkpoint} predicts {classes}, the data {data} has "
+                        f"{list(manifest.classes)}")
+    check_class_counts(manifest, [split], str(data))
+    token_mode = cfg.model.input_mode == "token"
+    if token_mode:
+        codebook = (manifest.tokens or {}).get("codebook_size")
+        if codebook is None or int(codebook) + 2 != model.vocab_size:
+            raise DataError(f"vocabulary differs: the classifier {checkpoint} reads {model.vocab_size} token ids, "
+                            f"the data {data} has {'no tokens' if codebook is None else f'codebook {codebook}'}")
+    bkg = _class_index(background if background is not None else 0, classes, "--background")
+    sig = None if signal is None else _class_index(signal, classes, "--signal")
+    if sig is not None and sig == bkg:
+        raise ValueError(f"--signal and --background are the same class {classes[sig]!r}")
+
+    cfg.data.path = str(data)
+    cfg.data.num_workers = 0
+    loader = make_loader(cfg.data, split, shuffle=False, drop_uneven=False, require_tokens=token_mode,
+                         batch_size=batch_size or cfg.data.batch_size)
+    n_total = manifest.n_jets(split)
+    with tqdm(total=n_total, disable=not progress, unit="jet", desc=f"evaluate {split}", dynamic_ncols=True) as bar:
+        result = predict(model, loader, device=device, progress=bar)
+    labels, probs = result["labels"], result["probs"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        report = classification_report(labels, probs, classes, signal_class=sig, background_class=bkg,
+                                       efficiencies=EFFICIENCIES)
+    h = headline(report)
+
+    tag = f"{split}_{checkpoint.resolve().name}"
+    out = Path(out) if out is not None else checkpoint.resolve().parent / "eval" / tag
+    out.mkdir(parents=True, exist_ok=True)
+    roc = plot_roc(roc_curves_vs_background(labels, probs, classes, background_class=bkg), out / "roc.png",
+                   title=f"{cfg.name}: {split}")
+    confusion = plot_confusion(report["confusion_matrix"], classes, out / "confusion.png")
+    record = {
+        "checkpoint": str(checkpoint.resolve()),
+        "data": str(data.resolve()),
+        "split": split,
+        "loss": result["loss"],
+        **h,
+        "report": report,
+        "classifier": {k: meta.get(k) for k in ("mode", "pretrained", "pretrained_objective", "input_mode", "inputs")},
+        "plots": {"roc": str(roc), "confusion": str(confusion)},
+        "mlflow": None,
+    }
+    if mlflow:
+        uri, run_id = find_mlflow_run(checkpoint)
+        if run_id is None:
+            print(f"[jetfm] no MLflow run recorded for {checkpoint} (tracking off?): metrics only written to {out}",
+                  file=sys.stderr)
+        else:
+            try:
+                (out / "metrics.json").write_text(json.dumps(_json_safe(record), indent=1) + "\n")
+                _log_to_mlflow(uri, run_id, split, tag, h, report, [out / "metrics.json", roc, confusion])
+                record["mlflow"] = {"uri": uri, "run_id": run_id}
+            except Exception as error:  # noqa: BLE001 - results on disk matter more than tracking
+                print(f"[jetfm] could not log to MLflow run {run_id} at {uri} ({type(error).__name__}: "
+                      f"{str(error)[:200]}); results are in {out}", file=sys.stderr)
+    (out / "metrics.json").write_text(json.dumps(_json_safe(record), indent=1) + "\n")
+    record["text"] = format_headline(h) + "\n" + format_report(report)
+    return record
+
+
+def add_classifier_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `jetfm evaluate classifier`."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = __doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1]
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="an exported classifier: a fine-tuning run's out_dir/best or out_dir/final")
+    parser.add_argument("--data", required=True, type=Path, help="shard set to evaluate on (same classes)")
+    parser.add_argument("--split", default="test", help="split of --data (default test)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default <run>/eval/<split>_<checkpoint name>)")
+    parser.add_argument("--batch-size", type=int, default=None, help="jets per batch (default the run's data.batch_size)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    parser.add_argument("--background", default=None, help="background class name or index (default class 0, QCD)")
+    parser.add_argument("--signal", default=None,
+                        help="headline signal class (default: the other class of a binary classifier)")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to the checkpoint's MLflow run")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_classifier(args: argparse.Namespace) -> int:
+    from jetfm.config import ConfigError
+    from jetfm.data.format import DataError
+
+    try:
+        record = evaluate_classifier(args.checkpoint, args.data, split=args.split, out=args.out,
+                                     batch_size=args.batch_size, device=args.device, background=args.background,
+                                     signal=args.signal, mlflow=not args.no_mlflow, progress=not args.no_progress)
+    except (ConfigError, DataError, ValueError) as error:
+        print(f"jetfm: error: {error}", file=sys.stderr)
+        return 2
+    print(f"{record['checkpoint']} on {record['data']} [{record['split']}]")
+    print(record["text"])
+    print(f"written: {Path(record['plots']['roc']).parent / 'metrics.json'}, roc.png, confusion.png"
+          + (f"; logged to MLflow run {record['mlflow']['run_id']}" if record["mlflow"] else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jetfm.finetune.evaluate ...` (the same as `jetfm evaluate classifier ...`)."""
+    parser = argparse.ArgumentParser(prog="jetfm evaluate classifier")
+    add_classifier_arguments(parser)
+    return run_classifier(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
