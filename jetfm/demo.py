@@ -27,6 +27,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of each training stage (default 300)")
     parser.add_argument("--workers", type=int, default=2, help="Pythia worker processes (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of generation and training (default 0)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for the small models (default 1: their steps are too small to gain from "
+                             "more, and spinning OpenMP threads slow down badly when a laptop is busy)")
 
 
 def _config(name: str, out: Path, data: Path, steps: int, seed: int, extra: list[str] = ()):
@@ -45,6 +48,9 @@ def run_demo(args) -> int:
     from .data.generate import generate_dataset
     from .tokenizer.tokenize import tokenize_dataset
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     data, tokens = out / "data", out / "data-tokens"
     per_split = {"train": args.jets, "val": max(1, args.jets // 5), "test": max(1, args.jets // 5)}
