@@ -13,11 +13,14 @@ and a rerun can skip them (`Manifest.completed_shards`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
+import shutil
 import sys
 import tarfile
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +51,29 @@ def atomic_write_text(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: Path):
+    """Yield a fresh temporary directory beside `directory`; on success it replaces `directory`
+    whole (the old one is moved aside, then removed), on any error it is deleted. Readers see
+    the old or the new directory, never a half-written one."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        yield tmp
+        old = None
+        if directory.exists():
+            old = directory.with_name(directory.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 @dataclass

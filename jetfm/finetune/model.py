@@ -34,10 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -48,6 +45,7 @@ import torch.nn.functional as F
 from jetfm.config import Config, ConfigError, config_from_dict, load_yaml
 from jetfm.data.batch import JetBatch
 from jetfm.data.format import DataError
+from jetfm.data.shards import atomic_directory
 from jetfm.models.attention import AttentionBackend, Packing, padded_sdpa
 from jetfm.models.backbone import Backbone, init_weights
 from jetfm.models.config import ModelConfig
@@ -406,24 +404,11 @@ def export_classifier(model: FinetuneModel, directory) -> Path:
 
     model = getattr(model, "module", model)
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         (tmp / CONFIG_FILE).write_text(model.run_config.to_yaml())
         (tmp / META_FILE).write_text(json.dumps(dict(model.meta, classes=model.classes), indent=1) + "\n")
-        old = None
-        if directory.exists():
-            old = directory.with_name(directory.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

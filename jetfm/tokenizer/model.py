@@ -32,8 +32,6 @@ import datetime
 import json
 import math
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.shards import atomic_directory
 from ..data.features import DERIVED_FEATURES, FeatureTransform, Preprocessing, reference_features
 from .codebook import Codebook, CodebookCollapseError, code_statistics, collapse_message, nearest_codes
 from .config import TokenizerConfig
@@ -526,23 +525,10 @@ def save_tokenizer(model: ParticleTokenizer, directory) -> Path:
 
     model = getattr(model, "module", model)  # accept a DDP wrapper
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": CHECKPOINT_FORMAT})
         (tmp / CONFIG_FILE).write_text(json.dumps(model.description(), indent=1))
-        old = None
-        if directory.exists():
-            old = directory.with_name(directory.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
