@@ -49,7 +49,7 @@ from jetfm.data.batch import JetBatch  # noqa: E402
 from jetfm.models.attention import Packing, padded_sdpa  # noqa: E402
 from jetfm.models.config import ModelConfig, ObjectiveConfig  # noqa: E402
 from jetfm.models.pretrain import build_pretrain_model  # noqa: E402
-from jetfm.objectives import mask_particles, mask_ranks, masked_count  # noqa: E402
+from jetfm.models.objectives import mask_particles, mask_ranks, masked_count  # noqa: E402
 
 SIZES = {
     "ref": dict(dim=128, num_heads=8, num_blocks=8),  # SCIENCE.md §3

@@ -230,12 +230,12 @@ def test_full_mode_trains_the_backbone_at_its_own_learning_rate(tmp_path, chain)
 
 
 def test_no_particle_is_masked_and_attention_is_bidirectional(tmp_path, pythia_toptag, monkeypatch):
-    import jetfm.objectives
+    import jetfm.models.objectives
 
     def no_masking(*args, **kwargs):
         raise AssertionError("fine-tuning must not mask particles")
 
-    monkeypatch.setattr(jetfm.objectives, "mask_particles", no_masking)
+    monkeypatch.setattr(jetfm.models.objectives, "mask_particles", no_masking)
     assert FinetuneModel.MASK_FRACTION == 0.0
     cfg = load_config(finetune_config(tmp_path, pythia_toptag, "nomask"))
     manifest = Manifest.load(pythia_toptag)

@@ -10,7 +10,7 @@ from jetfm.data.batch import JetBatch
 from jetfm.models.attention import Packing
 from jetfm.models.config import ModelConfig, ObjectiveConfig
 from jetfm.models.pretrain import build_pretrain_model
-from jetfm.objectives import cross_entropy_and_accuracy, mask_particles, mask_ranks, masked_count
+from jetfm.models.objectives import cross_entropy_and_accuracy, mask_particles, mask_ranks, masked_count
 
 F_IN, CODEBOOK = 3, 30
 VOCAB = CODEBOOK + 2

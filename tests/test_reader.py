@@ -13,7 +13,7 @@ import torch
 
 from jetfm.data.features import Preprocessing, four_momenta_from_relative, particle_features
 from jetfm.data.format import JET_FEATURES, KINEMATIC_FEATURES, DataError, JetArrays
-from jetfm.data.reader import JetDataset, JetLoader, iterate_jets
+from jetfm.data.reader import JetDataset, JetLoader, iterate_jets, verify_shards
 from jetfm.data.shards import Manifest, ShardWriter, creation_info
 
 
@@ -74,7 +74,10 @@ def test_round_trip_identical(tmp_path):
     assert sum(loaded.class_counts("train")) == 3 * 230
     stats = json.loads((tmp_path / "manifest.json").read_text())["statistics"]["train"]
     assert stats["particles"]["part_pt"]["min"] > 0.49
-    loaded.verify(tmp_path, deep=True)
+    verify_shards(tmp_path, loaded)
+    loaded.splits["train"][0]["n_jets"] += 1  # a manifest that disagrees with its shard
+    with pytest.raises(DataError, match=r"shard-000000.tar: holds 230 jets in .* manifest says 231 jets"):
+        verify_shards(tmp_path, loaded)
 
 
 def test_webdataset_library_reads_our_shards(tmp_path):

@@ -30,6 +30,7 @@ from jetfm import train as trainer
 from jetfm.config import load_config
 from jetfm.data.format import JET_FEATURES, KINEMATIC_FEATURES, JetArrays
 from jetfm.data.shards import Manifest, ShardWriter, creation_info
+from jetfm.models.optim import lr_factor, param_groups
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -441,14 +442,14 @@ def test_real_stages_through_the_trainer(tmp_path, tiny_data):
 def test_weight_decay_only_on_linear_weights():
     model = TinyJetModel(3, 2)
     model.extra = nn.Parameter(torch.zeros(4, 4))  # a learned table, e.g. mask vectors
-    decay, no_decay = trainer.param_groups(model, 0.1)
+    decay, no_decay = param_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     ids = lambda group: {id(p) for p in group["params"]}  # noqa: E731
     assert ids(decay) == {id(model.embed.weight), id(model.head.weight)}
     for p in (model.embed.bias, model.norm.weight, model.norm.bias, model.class_bias.weight, model.extra):
         assert id(p) in ids(no_decay)
     model.no_weight_decay = lambda: {"head.weight"}
-    decay, _ = trainer.param_groups(model, 0.1)
+    decay, _ = param_groups(model, 0.1)
     assert ids(decay) == {id(model.embed.weight)}
 
 
@@ -456,7 +457,7 @@ def test_weight_decay_only_on_linear_weights():
 def test_lr_schedules(schedule, end):
     from jetfm.config import OptimConfig
 
-    factor = trainer.lr_factor(OptimConfig(schedule=schedule, warmup_steps=4, min_lr_ratio=0.1), max_steps=20)
+    factor = lr_factor(OptimConfig(schedule=schedule, warmup_steps=4, min_lr_ratio=0.1), max_steps=20)
     assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert factor(4) == pytest.approx(1.0)
     assert factor(20) == pytest.approx(end) and factor(100) == pytest.approx(end)

@@ -257,7 +257,9 @@ def inspect_dataset(directory, out_dir=None, splits=None, *, max_jets: int = 200
     directory = Path(directory)
     manifest = Manifest.load(directory)
     if verify:
-        manifest.verify(directory, deep=True)
+        from .reader import verify_shards
+
+        verify_shards(directory, manifest)
     splits = _ordered_splits(manifest, splits)
     out_dir = Path(out_dir) if out_dir is not None else directory / "inspect"
     info, text = summarise(directory, manifest, splits)

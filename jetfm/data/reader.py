@@ -84,6 +84,25 @@ def read_shard_chunks(path: Path, manifest: Manifest) -> Iterator[JetArrays]:
             yield jets
 
 
+def verify_shards(directory: Path, manifest: Manifest) -> None:
+    """Check that every shard of the manifest exists and holds the chunk and jet counts it records
+    (reads every chunk: the deep check of `jetfm data inspect`)."""
+    directory = Path(directory)
+    manifest.verify(directory)
+    for shards in manifest.splits.values():
+        for shard in shards:
+            path = directory / shard["path"]
+            n_jets = n_chunks = 0
+            for jets in read_shard_chunks(path, manifest):
+                n_jets += len(jets)
+                n_chunks += 1
+            if (n_jets, n_chunks) != (shard["n_jets"], shard["n_chunks"]):
+                raise DataError(
+                    f"{path}: holds {n_jets} jets in {n_chunks} chunks, manifest says "
+                    f"{shard['n_jets']} jets in {shard['n_chunks']} chunks"
+                )
+
+
 def iterate_jets(directory: Path, split: str) -> Iterator[JetArrays]:
     """Every chunk of a split in manifest order, unshuffled (for conversion, tokenizing, metrics)."""
     directory = Path(directory)

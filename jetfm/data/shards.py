@@ -325,26 +325,14 @@ class Manifest:
                     f"{where}: {key} {getattr(other, key)} differ from the existing manifest's {getattr(self, key)}"
                 )
 
-    def verify(self, directory: Path, deep: bool = False) -> None:
-        """Check that every listed shard exists (and, if deep, holds the recorded chunk and jet counts)."""
+    def verify(self, directory: Path) -> None:
+        """Check that every listed shard exists (`data.reader.verify_shards` also reads their counts)."""
         directory = Path(directory)
         for split, shards in self.splits.items():
             for shard in shards:
                 path = directory / shard["path"]
                 if not path.exists():
                     raise DataError(f"{path}: listed in {directory / self.FILENAME} (split {split}) but missing")
-                if deep:
-                    from .reader import read_shard_chunks
-
-                    n_jets = n_chunks = 0
-                    for jets in read_shard_chunks(path, self):
-                        n_jets += len(jets)
-                        n_chunks += 1
-                    if (n_jets, n_chunks) != (shard["n_jets"], shard["n_chunks"]):
-                        raise DataError(
-                            f"{path}: holds {n_jets} jets in {n_chunks} chunks, manifest says "
-                            f"{shard['n_jets']} jets in {shard['n_chunks']} chunks"
-                        )
 
 
 def creation_info() -> dict:

@@ -208,7 +208,7 @@ class FinetuneModel(nn.Module):
     # ------------------------------------------------------------------ trainer hooks
     def param_groups(self, base_lr: float, weight_decay: float) -> list[dict]:
         """AdamW groups (the trainer's decay rule): head at base_lr, backbone at base_lr × backbone_lr_scale."""
-        from jetfm.train import param_groups as decay_groups
+        from jetfm.models.optim import param_groups as decay_groups
 
         groups = [dict(g, lr=base_lr) for g in decay_groups(self.head, weight_decay)]
         if not self.frozen:

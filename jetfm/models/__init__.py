@@ -1,12 +1,14 @@
-"""Models of the pre-training stage: attention kernels, backbone, pre-training heads.
+"""Models and what trains them: attention kernels, backbone, pre-training objectives and model,
+optimizer parameter groups and learning-rate schedules.
 
-`PretrainModel` / `build_pretrain_model` live in `jetfm.models.pretrain` (imported lazily here,
-since `jetfm.objectives` builds on this package's attention and backbone modules).
+Everything here imports only `jetfm.data` and the config dataclasses (the layer order is in
+`jetfm/layers.py`): objectives build on the backbone, the pre-training model on the objectives.
 """
 
 from .attention import AttentionBackend, KVCache, Packing, padded_sdpa, varlen_attention, varlen_attention_qkv
 from .backbone import Backbone, Block, Stack
 from .config import ModelConfig, ObjectiveConfig
+from .pretrain import PretrainModel, build_pretrain_model
 
 __all__ = [
     "AttentionBackend", "KVCache", "Packing", "padded_sdpa", "varlen_attention", "varlen_attention_qkv",
@@ -14,11 +16,3 @@ __all__ = [
     "ModelConfig", "ObjectiveConfig",
     "PretrainModel", "build_pretrain_model",
 ]
-
-
-def __getattr__(name):
-    if name in ("PretrainModel", "build_pretrain_model"):
-        from . import pretrain
-
-        return getattr(pretrain, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,11 +17,11 @@ import torch
 import torch.nn as nn
 
 from jetfm.data.batch import JetBatch
-from jetfm.objectives import Head, MPMObjective, NTPObjective, mask_particles, masked_count
 
 from .attention import AttentionBackend, KVCache, Packing
 from .backbone import Backbone, init_weights
 from .config import ModelConfig, ObjectiveConfig
+from .objectives import Head, MPMObjective, NTPObjective, mask_particles, masked_count
 
 
 class PretrainModel(nn.Module):
