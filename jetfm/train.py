@@ -11,9 +11,20 @@ configs/accelerate/{ddp,fsdp,deepspeed_zero2,multinode}.yaml` (CPU recipes in
 jetfm/distributed.py; SLURM and torchrun scripts in launchers/). The stage's model comes from
 jetfm/stages.py: `forward(batch) -> {"loss": ..., **metrics}`.
 
-The script reads top to bottom: config -> Accelerator -> seed -> data -> model -> optimizer and
-schedule -> prepare -> resume -> tracking -> loop (forward, backward, clip, NaN check, step,
-hook, metrics, validation, checkpoint) -> summary.
+The script reads top to bottom: `train` = `setup` (config -> Accelerator -> seed -> data ->
+model, optimizer and schedule -> prepare -> resume -> tracking, held in a `Run`), then the loop:
+`train_step` (forward, backward, clip, optimizer step, hook) on every step, and on the steps
+that ask for it `check_finite`, `log_window`, `run_validation`, `write_checkpoint`; then the
+export and `summarize`.
+
+Host and device meet only on those steps: loss, gradient norm and metrics are summed on the
+device and read once per log step (with the NaN check), so a GPU never waits for the host in
+between. Under nan_policy=stop a non-finite loss or gradient norm is noted on the device and
+found at the next log, validation or checkpoint step (at most train.log_every steps later); the
+run then stops naming the first bad step, and nothing after it is logged, validated, saved or
+exported, so a NaN never reaches a checkpoint. Its optimizer step is not skipped (skipping needs
+the host to decide each step): the weights of the steps after it are discarded with the run.
+nan_policy=skip does skip the update, and pays one host sync per step for that decision.
 
 A run writes to out_dir (default runs/<name>): checkpoints/step-NNNNNN/ and checkpoints/latest,
 final/ (the trained model in the stage's format, e.g. the tokenizer for `jetfm data tokenize`),
@@ -36,7 +47,9 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 if __name__ == "__main__" and not __package__:
     # `python jetfm/train.py`: import jetfm from this checkout, and keep this directory's modules
@@ -51,15 +64,20 @@ from tqdm.auto import tqdm
 
 from jetfm import stages
 from jetfm.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
-from jetfm.config import Config, ConfigError, OptimConfig, describe_keys, flatten, load_config, load_yaml
+from jetfm.config import Config, ConfigError, describe_keys, flatten, load_config, load_yaml
+from jetfm.data.format import DataError
+from jetfm.data.reader import make_loader
+from jetfm.data.shards import Manifest
 from jetfm.distributed import describe, make_accelerator, sync_replicas, unwrap
+from jetfm.models.optim import build_optimizer
+from jetfm.tracking import start_tracking
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_DIVERGED = 0, 1, 2, 3
 
 
 class Diverged(RuntimeError):
     def __init__(self, step: int, loss: float, grad_norm: float | None, reason: str):
-        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+        self.step, self.loss, self.grad_norm, self.reason = step, loss, grad_norm, reason
         super().__init__(f"non-finite {reason} at step {step}: loss={loss}, grad_norm={grad_norm}")
 
 
@@ -107,8 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(cfg.to_yaml(), end="")
         return EXIT_OK
-    from jetfm.data.format import DataError
-
     try:
         return train(cfg, resume=args.resume)
     except (ConfigError, DataError) as error:  # the user's input: a message, not a traceback
@@ -119,14 +135,108 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
 
 
+
 # --------------------------------------------------------------------------- the run
+@dataclass
+class Run:
+    """One training run on this process: built by `setup`, advanced by the loop, read by `summarize`."""
+
+    cfg: Config
+    accelerator: Any
+    info: dict  # describe(accelerator): what the run actually runs on
+    manifest: Manifest
+    train_loader: Any
+    val_loader: Any | None
+    val_start: dict | None  # the validation loader's start: every validation reads the same batches
+    model: nn.Module  # as prepared (DDP / FSDP / DeepSpeed wrapper)
+    unwrapped: nn.Module  # the stage's module inside it: hooks, export
+    optimizer: Any
+    scheduler: Any
+    evaluate: Callable | None  # the stage's evaluator (None: mean validation loss)
+    tracker: Any
+    stop_vote: Callable[[bool], bool]
+    n_params: int
+    say: Callable[[str], None]
+    t_start: float
+    resumed_from: Path | None = None
+    step: int = 0  # optimizer steps done (the last good one after a divergence)
+    start_step: int = 0
+    last_checkpoint: Path | None = None
+    last_train: dict = field(default_factory=dict)
+    last_val: dict = field(default_factory=dict)
+    best: dict | None = None  # the stage's best validated model so far: {"step", "metric", "value", "val"}
+    jets_total: float = 0.0  # all processes, logged windows
+    train_time_total: float = 0.0
+    window: Window | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+
 def train(cfg: Config, resume: str | None = None) -> int:
     """Train `cfg` to cfg.train.max_steps (or from a checkpoint, see find_checkpoint). Exit status."""
-    from accelerate.utils import set_seed
+    run = setup(cfg, resume)
+    status, message, exit_code = "completed", "", EXIT_OK
+    stop = StopSignals()
+    stop.install()
+    bar = tqdm(total=cfg.train.max_steps, initial=run.step, disable=not (run.is_main and cfg.train.progress_bar),
+               dynamic_ncols=True, desc=cfg.stage, unit="step",
+               mininterval=1.0 if sys.stderr.isatty() else 30.0)  # log files: a line per 30 s
+    try:
+        try:
+            status, message = train_loop(run, stop, bar)
+        except Diverged:
+            raise
+        except BaseException as error:
+            # a step that went non-finite earlier is the cause (e.g. a stage hook choking on NaN weights)
+            diverged = run.window.first_nonfinite(local=True) if run.window is not None else None
+            if diverged is None:
+                raise
+            raise diverged from error
+    except Diverged as error:
+        status, exit_code = "diverged", EXIT_DIVERGED
+        run.step = error.step - 1  # what follows the first bad step is discarded
+        message = (f"{error}. No checkpoint was written for it; the last good checkpoint is "
+                   f"{run.last_checkpoint or 'none (none was written yet)'}. Try a lower optim.lr, "
+                   "optim.warmup_steps > 0, train.precision=fp32, or train.detect_anomaly=true to find the op")
+        print(f"jetfm: {message}", file=sys.stderr)
+    except BaseException as error:
+        status, message = "failed", f"{type(error).__name__}: {error}"
+        run.tracker.close("FAILED")
+        _write_summary(run.run_dir, run.is_main, summarize(run, status, message))
+        raise
+    finally:
+        stop.restore()
+        bar.close()
 
-    from jetfm.data.reader import make_loader
-    from jetfm.data.shards import Manifest
-    from jetfm.tracking import start_tracking
+    # ---- the trained model for the next stage: out_dir/final
+    final_dir = None
+    if status == "completed":
+        final_dir = export_final(run.accelerator, run.model, run.unwrapped, cfg, run.manifest, run.run_dir)
+        run.say(f"final model: {final_dir}")
+
+    # ---- summary
+    run.tracker.close({"completed": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
+    summary = summarize(run, status, message, final_dir)
+    _write_summary(run.run_dir, run.is_main, summary)
+    run.say(_format_summary(summary))
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    return exit_code
+
+
+def setup(cfg: Config, resume: str | None) -> Run:
+    """Accelerator, seed, data, model, optimizer and schedule, prepare, resume, tracking: the Run."""
+    from accelerate.utils import set_seed
 
     t_start = time.perf_counter()
     run_dir = Path(cfg.out_dir)
@@ -134,10 +244,9 @@ def train(cfg: Config, resume: str | None = None) -> int:
     # ---- processes: DDP / FSDP2 / DeepSpeed as launched; precision and accumulation from cfg
     accelerator = make_accelerator(cfg)
     is_main = accelerator.is_main_process
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
     accum = cfg.train.grad_accum_steps
     info = describe(accelerator)
-    bar_on = is_main and cfg.train.progress_bar
     say = _printer(is_main)
     say(f"jetfm {cfg.stage} '{cfg.name}' -> {run_dir} | {info['distributed_type']} x{world} on {info['device']}, "
         f"precision {cfg.train.precision} | global batch {cfg.data.batch_size * world * accum} jets "
@@ -165,20 +274,14 @@ def train(cfg: Config, resume: str | None = None) -> int:
         if val_loader.batches_per_epoch() == 0:
             raise ConfigError(f"split {cfg.data.val_split!r} holds fewer jets than one batch per process; lower "
                               "data.batch_size or set train.eval_every=0")
-        val_start = val_loader.state_dict()  # every validation reads the same batches
+        val_start = val_loader.state_dict()
 
-    # ---- model, optimizer, schedule
+    # ---- model, optimizer (the stage's own parameter groups, if it has them), schedule
     model = stages.build_model(cfg, manifest)
     n_params = sum(p.numel() for p in model.parameters())
-    evaluate = stages.stage_evaluator(cfg)
-    # a stage may split its own groups, each with its "lr" (e.g. a smaller backbone lr when fine-tuning)
-    groups = (model.param_groups(cfg.optim.lr, cfg.optim.weight_decay) if hasattr(model, "param_groups")
-              else param_groups(model, cfg.optim.weight_decay))
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, cfg.train.max_steps))
+    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)  # not the loaders
     unwrapped = unwrap(accelerator, model)
-    on_step_end = getattr(unwrapped, "on_step_end", None)
     set_seed(cfg.seed + rank)  # different dropout / masking on every process from here on
     say(f"model: {type(unwrapped).__name__}, {n_params:,} parameters; train: {train_loader.batches_per_epoch()} "
         f"batches per epoch per process")
@@ -198,221 +301,221 @@ def train(cfg: Config, resume: str | None = None) -> int:
         say(f"resumed from {checkpoint_dir}: step {step}, epoch {train_loader.epoch}")
         _note_config_changes(say, checkpoint_dir, cfg)
 
-    # the stage's model selection, if any: best_metric() -> (validation key, "max"|"min") -> out_dir/best
-    best_metric = unwrapped.best_metric() if hasattr(unwrapped, "best_metric") else None
-    best: dict | None = trainer_state.get("best")
-
     # ---- tracking (rank 0; the same MLflow run when resuming)
     tracker = start_tracking(cfg, is_main=is_main, run_id=trainer_state.get("mlflow_run_id"))
     tracker.log_config(cfg)
     tracker.set_tags({"jetfm.distributed_type": info["distributed_type"], "jetfm.num_processes": str(world),
                       "jetfm.parameters": str(n_params)})
-
-    # ---- the loop
-    metrics_path = run_dir / "metrics.jsonl"
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    stop = StopSignals()
-    stop.install()
-    batches = _batches(train_loader)
-    window = Window()
-    bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not bar_on, dynamic_ncols=True, desc=cfg.stage,
-               unit="step", mininterval=1.0 if sys.stderr.isatty() else 30.0)  # log files: a line per 30 s
-    status, message, exit_code = "completed", "", EXIT_OK
-    last_checkpoint = checkpoint_dir
-    last_train: dict = trainer_state.get("metrics", {}).get("train", {})
-    last_val: dict = trainer_state.get("metrics", {}).get("val", {})
-    jets_total = train_time_total = 0.0
-    bad_steps = 0
-    start_step = step
-    model.train()
+    metrics = trainer_state.get("metrics", {})
+    return Run(cfg=cfg, accelerator=accelerator, info=info, manifest=manifest, train_loader=train_loader,
+               val_loader=val_loader, val_start=val_start, model=model, unwrapped=unwrapped, optimizer=optimizer,
+               scheduler=scheduler, evaluate=stages.stage_evaluator(cfg), tracker=tracker,
+               stop_vote=make_stop_vote(accelerator), n_params=n_params, say=say, t_start=t_start,
+               resumed_from=checkpoint_dir, step=step, start_step=step, last_checkpoint=checkpoint_dir,
+               last_train=metrics.get("train", {}), last_val=metrics.get("val", {}), best=trainer_state.get("best"))
 
-    def write_checkpoint() -> None:
-        nonlocal last_checkpoint
-        from accelerate.utils import gather_object
 
-        state = {
-            "epoch": train_loader.epoch,
-            "loader": gather_object([train_loader.state_dict()]),  # one per rank, rank order
-            "world_size": world,
-            "distributed": info,
-            "mlflow_run_id": tracker.run_id,
-            "mlflow_uri": tracker.uri,
-            "metrics": {"train": last_train, "val": last_val},
-            "best": best,
-        }
-        last_checkpoint = save_checkpoint(accelerator, run_dir, step, config_yaml=cfg.to_yaml(), trainer_state=state,
-                                          keep=cfg.train.keep_checkpoints)
-        say(f"step {step}: checkpoint {last_checkpoint}")
+def train_loop(run: Run, stop: StopSignals, bar) -> tuple[str, str]:
+    """Steps to max_steps; on the steps that ask for it: NaN check, log, validation, checkpoint.
 
-    try:
-        while step < cfg.train.max_steps:
-            t0 = time.perf_counter()
-            # forward / backward over grad_accum_steps micro-batches (gradients sync on the last)
-            loss_sum = torch.zeros((), device=device)
-            metric_sums: dict[str, torch.Tensor | float] = {}
-            jets = particles = 0
-            for _ in range(accum):
-                batch = next(batches).to(device, non_blocking=True)
-                with accelerator.accumulate(model):
-                    out = model(batch)
-                    if not isinstance(out, dict) or "loss" not in out:
-                        raise stages.StageError(f"{type(unwrapped).__name__}.forward must return a dict with 'loss' "
-                                                f"(docs/CONTRACTS.md), got {type(out).__name__}")
-                    loss = out["loss"]
-                    accelerator.backward(loss)
-                loss_sum += loss.detach().float()
-                for key, value in out.items():
-                    if key != "loss":
-                        value = value.detach().float() if torch.is_tensor(value) else float(value)
-                        metric_sums[key] = metric_sums.get(key, 0.0) + value
-                jets += batch.num_jets
-                particles += batch.num_particles
-            if not accelerator.sync_gradients:
-                raise RuntimeError("gradient accumulation out of step with accelerate's counter")
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
-            grad_norm = _to_float(grad_norm)
-            lr = optimizer.param_groups[0]["lr"]
+    Returns (status, message): ("completed", "") or ("interrupted", why) after a stop signal.
+    """
+    cfg, train_cfg = run.cfg, run.cfg.train
+    batches = _batches(run.train_loader)
+    run.window = Window(run.accelerator.device, first_step=run.step + 1)
+    bad_steps = 0  # nan_policy=skip: skipped in a row
+    run.model.train()
+    while run.step < train_cfg.max_steps:
+        t0 = time.perf_counter()
+        skipped = train_step(run, batches, run.window)
+        run.step += 1
+        bar.update(1)
+        if skipped is not None:  # nan_policy=skip: the update was dropped
+            bad_steps += 1
+            if bad_steps >= train_cfg.max_bad_steps:
+                raise skipped
+            run.say(f"step {run.step}: non-finite {skipped.reason} (loss={skipped.loss}, grad_norm={skipped.grad_norm}); "
+                    f"update skipped ({bad_steps} in a row, limit {train_cfg.max_bad_steps})")
+            continue  # neither logged nor checkpointed
+        bad_steps = 0
+        run.window.time += time.perf_counter() - t0
 
-            # one all-reduce per step: global mean loss, throughput, and whether anyone got a signal
-            stats = torch.stack([loss_sum / accum, torch.tensor(float(jets), device=device),
-                                 torch.tensor(float(particles), device=device),
-                                 torch.tensor(1.0 if stop.received else 0.0, device=device)])
-            loss_value, step_jets, step_particles, stop_votes = accelerator.reduce(stats, reduction="sum").tolist()
-            loss_value /= world
+        # a signal on any process stops every process after this step (agreed on the host: no device sync)
+        stopping = run.stop_vote(stop.received is not None)
+        step, every = run.step, train_cfg.checkpoint_every
+        log = step % train_cfg.log_every == 0 or step == train_cfg.max_steps
+        validation = run.val_loader is not None and (step % train_cfg.eval_every == 0 or step == train_cfg.max_steps)
+        checkpoint = stopping or step == train_cfg.max_steps or (every and step % every == 0)
+        if not (log or validation or checkpoint):
+            continue
 
-            # non-finite loss or gradient: stop (or skip), never step into NaN weights
-            finite = math.isfinite(loss_value) and (grad_norm is None or math.isfinite(grad_norm))
-            if not finite:
-                bad_steps += 1
-                reason = "loss" if not math.isfinite(loss_value) else "gradient norm"
-                if cfg.train.nan_policy == "stop" or bad_steps >= cfg.train.max_bad_steps:
-                    raise Diverged(step + 1, loss_value, grad_norm, reason)
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                bar.update(1)
-                say(f"step {step}: non-finite {reason} (loss={loss_value}, grad_norm={grad_norm}); update skipped "
-                    f"({bad_steps} in a row, limit {cfg.train.max_bad_steps})")
-                continue
-            bad_steps = 0
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            hook_metrics = on_step_end(step) if on_step_end is not None else None
-            if hook_metrics is not None:
-                sync_replicas(accelerator, unwrapped)  # the hook edited weights: replicas must agree
-            step_time = time.perf_counter() - t0
-            jets_total += step_jets
-            train_time_total += step_time
-            window.add(loss_value, metric_sums, accum, grad_norm, step_jets, step_particles, step_time)
-            if isinstance(hook_metrics, dict):
-                window.extra.update({k: float(v) for k, v in hook_metrics.items()})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4g}", jets_s=f"{step_jets / step_time:,.0f}", refresh=False)
+        # the one host-device sync of the interval: the window's sums, and the NaN check on them
+        t0 = time.perf_counter()
+        totals = run.window.totals(run.accelerator)
+        run.window.time += time.perf_counter() - t0
+        check_finite(run.window, totals)
+        if log:
+            log_window(run, totals, bar)
+        elif stopping:
+            run.jets_total += totals["jets"]
+            run.train_time_total += run.window.time
+        if validation:
+            run_validation(run)
+        if checkpoint:
+            write_checkpoint(run)
+        if stopping:
+            return "interrupted", (f"stopped by {stop.received or 'a signal on another rank'} at step {step}; "
+                                   "resume with --resume")
+    return "completed", ""
 
-            # metrics: batched to MLflow, one line per logged step in metrics.jsonl
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                last_train = window.summary(lr=lr, memory_gb=_memory_gb(device), epoch=_epochs_done(train_loader))
-                window = Window()
-                tracker.log_metrics(last_train, step)
-                _append_jsonl(metrics_path, {"step": step, **last_train}, is_main)
-                if not bar_on:
-                    say(f"step {step}/{cfg.train.max_steps} | loss {last_train['train/loss']:.4g} | lr {lr:.3g} | "
-                        f"{last_train['perf/jets_per_s']:,.0f} jets/s")
 
-            # validation: the stage's evaluate, or the mean loss over eval_batches
-            if val_loader is not None and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):
-                last_val = validate(model, unwrapped, val_loader, val_start, evaluate, cfg, accelerator,
-                                    run_dir / "eval" if is_main else None)
-                tracker.log_metrics({f"val/{k}": v for k, v in last_val.items()}, step)
-                _append_jsonl(metrics_path, {"step": step, **{f"val/{k}": v for k, v in last_val.items()}}, is_main)
-                text = " | ".join(f"{k} {v:.4g}" for k, v in list(last_val.items())[:6])
-                say(f"step {step}: val {text}")
-                if best_metric is not None and _improves(last_val.get(best_metric[0]), best, best_metric[1]):
-                    best = {"step": step, "metric": best_metric[0], "value": last_val[best_metric[0]], "val": last_val}
-                    export_final(accelerator, model, unwrapped, cfg, manifest, run_dir, name="best", note=best)
-                    say(f"step {step}: best val {best_metric[0]} so far -> {run_dir / 'best'}")
+def train_step(run: Run, batches: Iterator, window: Window) -> Diverged | None:
+    """One optimizer step: forward and backward over grad_accum_steps micro-batches (gradients sync
+    on the last), clip, optimizer and schedule step, the stage's on_step_end hook.
 
-            # checkpoint: periodic, final, or on SIGTERM/SIGINT (any rank) then stop
-            stopping = stop_votes > 0
-            every = cfg.train.checkpoint_every
-            if stopping or step == cfg.train.max_steps or (every and step % every == 0):
-                write_checkpoint()
-            if stopping:
-                status = "interrupted"
-                message = f"stopped by {stop.received or 'a signal on another rank'} at step {step}; resume with --resume"
-                break
-    except Diverged as error:
-        status, exit_code = "diverged", EXIT_DIVERGED
-        message = (f"{error}. No checkpoint was written for it; the last good checkpoint is "
-                   f"{last_checkpoint or 'none (none was written yet)'}. Try a lower optim.lr, optim.warmup_steps > 0, "
-                   "train.precision=fp32, or train.detect_anomaly=true to find the op")
-        print(f"jetfm: {message}", file=sys.stderr)
-    except BaseException as error:
-        status, message = "failed", f"{type(error).__name__}: {error}"
-        tracker.close("FAILED")
-        _write_summary(run_dir, is_main, _summary_dict(**locals()))
-        raise
-    finally:
-        stop.restore()
-        bar.close()
+    Loss, gradient norm and metrics are added to `window` on the device; nothing here waits for
+    the device, except under nan_policy=skip, which must know before stepping: then a non-finite
+    step returns its Diverged (the update dropped) instead of None.
+    """
+    cfg, accelerator, model = run.cfg, run.accelerator, run.model
+    accum = cfg.train.grad_accum_steps
+    loss_sum = torch.zeros((), device=accelerator.device)
+    metric_sums: dict[str, torch.Tensor | float] = {}
+    jets = particles = 0
+    for _ in range(accum):
+        batch = next(batches).to(accelerator.device, non_blocking=True)
+        with accelerator.accumulate(model):
+            out = model(batch)
+            if not isinstance(out, dict) or "loss" not in out:
+                raise stages.StageError(f"{type(run.unwrapped).__name__}.forward must return a dict with 'loss' "
+                                        f"(docs/CONTRACTS.md), got {type(out).__name__}")
+            loss = out["loss"]
+            accelerator.backward(loss)
+        loss_sum += loss.detach().float()
+        for key, value in out.items():
+            if key != "loss":
+                value = value.detach().float() if torch.is_tensor(value) else float(value)
+                metric_sums[key] = metric_sums.get(key, 0.0) + value
+        jets += batch.num_jets
+        particles += batch.num_particles
+    if not accelerator.sync_gradients:
+        raise RuntimeError("gradient accumulation out of step with accelerate's counter")
+    grad_norm = _norm_tensor(accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf),
+                             accelerator.device)
+    loss_mean = loss_sum / accum
 
-    # ---- the trained model for the next stage: out_dir/final
-    final_dir = None
-    if status == "completed":
-        final_dir = export_final(accelerator, model, unwrapped, cfg, manifest, run_dir)
-        say(f"final model: {final_dir}")
+    if cfg.train.nan_policy == "skip":  # the host decides before stepping: one sync per step
+        skipped = _nonfinite_now(accelerator, loss_mean, grad_norm, run.step + 1)
+        if skipped is not None:
+            run.optimizer.zero_grad(set_to_none=True)
+            return skipped
+    lr = run.optimizer.param_groups[0]["lr"]  # the lr this step uses
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    window.add(loss_mean, grad_norm, metric_sums, accum, jets, particles, lr)
+    on_step_end = getattr(run.unwrapped, "on_step_end", None)
+    hook_metrics = on_step_end(run.step + 1) if on_step_end is not None else None
+    if hook_metrics is not None:
+        sync_replicas(accelerator, run.unwrapped)  # the hook edited weights: replicas must agree
+    if isinstance(hook_metrics, dict):
+        window.extra.update(hook_metrics)
+    return None
 
-    # ---- summary
-    tracker.close({"completed": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
-    summary = _summary_dict(**locals())
-    _write_summary(run_dir, is_main, summary)
-    say(_format_summary(summary))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return exit_code
+
+def check_finite(window: Window, totals: dict) -> None:
+    """Raise Diverged naming the first non-finite step of the window (any process), if there was one."""
+    diverged = window.first_nonfinite(totals=totals)
+    if diverged is not None:
+        raise diverged
+
+
+def log_window(run: Run, totals: dict, bar) -> None:
+    """Train metrics of the window: MLflow (batched), metrics.jsonl, the bar or a line; a new window."""
+    window, step = run.window, run.step
+    run.last_train = window.summary(totals, world=run.world, memory_gb=_memory_gb(run.accelerator.device),
+                                    epoch=_epochs_done(run.train_loader))
+    run.jets_total += totals["jets"]
+    run.train_time_total += window.time
+    run.window = Window(run.accelerator.device, first_step=step + 1)
+    run.tracker.log_metrics(run.last_train, step)
+    _append_jsonl(run.run_dir / "metrics.jsonl", {"step": step, **run.last_train}, run.is_main)
+    loss, jets_s = run.last_train["train/loss"], run.last_train["perf/jets_per_s"]
+    bar.set_postfix(loss=f"{loss:.4g}", jets_s=f"{jets_s:,.0f}", refresh=False)
+    if bar.disable:
+        run.say(f"step {step}/{run.cfg.train.max_steps} | loss {loss:.4g} | lr {run.last_train['lr']:.3g} | "
+                f"{jets_s:,.0f} jets/s")
+
+
+def run_validation(run: Run) -> None:
+    """The stage's evaluate (or the mean loss over eval_batches), logged; out_dir/best when it improves."""
+    step, run_dir = run.step, run.run_dir
+    run.last_val = validate(run.model, run.unwrapped, run.val_loader, run.val_start, run.evaluate, run.cfg,
+                            run.accelerator, run_dir / "eval" if run.is_main else None)
+    record = {f"val/{k}": v for k, v in run.last_val.items()}
+    run.tracker.log_metrics(record, step)
+    _append_jsonl(run_dir / "metrics.jsonl", {"step": step, **record}, run.is_main)
+    run.say(f"step {step}: val " + " | ".join(f"{k} {v:.4g}" for k, v in list(run.last_val.items())[:6]))
+    # the stage's model selection, if any: best_metric() -> (validation key, "max"|"min") -> out_dir/best
+    best_metric = run.unwrapped.best_metric() if hasattr(run.unwrapped, "best_metric") else None
+    if best_metric is not None and _improves(run.last_val.get(best_metric[0]), run.best, best_metric[1]):
+        run.best = {"step": step, "metric": best_metric[0], "value": run.last_val[best_metric[0]], "val": run.last_val}
+        export_final(run.accelerator, run.model, run.unwrapped, run.cfg, run.manifest, run_dir, name="best",
+                     note=run.best)
+        run.say(f"step {step}: best val {best_metric[0]} so far -> {run_dir / 'best'}")
+
+
+def write_checkpoint(run: Run) -> None:
+    """Checkpoint this step (collective): weights, optimizer, schedule, RNG, every rank's data position."""
+    from accelerate.utils import gather_object
+
+    state = {
+        "epoch": run.train_loader.epoch,
+        "loader": gather_object([run.train_loader.state_dict()]),  # one per rank, rank order
+        "world_size": run.world,
+        "distributed": run.info,
+        "mlflow_run_id": run.tracker.run_id,
+        "mlflow_uri": run.tracker.uri,
+        "metrics": {"train": run.last_train, "val": run.last_val},
+        "best": run.best,
+    }
+    run.last_checkpoint = save_checkpoint(run.accelerator, run.run_dir, run.step, config_yaml=run.cfg.to_yaml(),
+                                          trainer_state=state, keep=run.cfg.train.keep_checkpoints)
+    run.say(f"step {run.step}: checkpoint {run.last_checkpoint}")
+
+
+def summarize(run: Run, status: str, message: str, final_dir: Path | None = None) -> dict:
+    """summary.json: how the run ended, where its outputs are, its last metrics and throughput."""
+    cfg = run.cfg
+    return {
+        "status": status,
+        "message": message,
+        "stage": cfg.stage,
+        "name": cfg.name,
+        "out_dir": str(cfg.out_dir),
+        "steps": run.step,
+        "steps_this_session": run.step - run.start_step,
+        "max_steps": cfg.train.max_steps,
+        "epoch": _epochs_done(run.train_loader),
+        "resumed_from": str(run.resumed_from) if run.resumed_from else None,
+        "checkpoint": str(run.last_checkpoint) if run.last_checkpoint else None,
+        "final": str(final_dir) if final_dir else None,
+        "wall_time_s": round(time.perf_counter() - run.t_start, 2),
+        "train_time_s": round(run.train_time_total, 2),
+        "mean_jets_per_s": run.jets_total / run.train_time_total if run.train_time_total else None,
+        "global_batch_jets": cfg.data.batch_size * cfg.train.grad_accum_steps * run.world,
+        "parameters": run.n_params,
+        "distributed": run.info,
+        "train": run.last_train,
+        "val": run.last_val,
+        "best": run.best,
+        "mlflow": {"uri": getattr(run.tracker, "uri", None), "run_id": getattr(run.tracker, "run_id", None)},
+    }
 
 
 # --------------------------------------------------------------------------- pieces of the loop
-#: Modules whose `weight` is decayed; every other parameter (biases, norms, embeddings,
-#: codebooks, learned start/mask vectors) is not.
-DECAYED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Bilinear)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on Linear/Conv weights only, minus model.no_weight_decay() names."""
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay, seen = [], [], set()
-    for module_name, module in model.named_modules():
-        for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad or id(param) in seen:
-                continue
-            seen.add(id(param))
-            full_name = f"{module_name}.{name}" if module_name else name
-            weight = (isinstance(module, DECAYED) and name == "weight") or (
-                isinstance(module, nn.MultiheadAttention) and name.endswith("proj_weight"))
-            (decay if weight and full_name not in skip else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def lr_factor(optim: OptimConfig, max_steps: int):
-    """LambdaLR factor of the step count: linear warm-up, then constant / cosine / linear to min_lr_ratio."""
-    warmup, kind, floor = optim.warmup_steps, optim.schedule, optim.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-        if kind == "cosine":
-            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0 - (1.0 - floor) * progress
-
-    return factor
-
 
 def validate(model, unwrapped, loader, start_state, evaluate, cfg: Config, accelerator, out_dir: Path | None) -> dict:
     """Validation metrics averaged over processes; never disturbs the training RNG streams."""
@@ -494,42 +597,86 @@ def _improves(value, best: dict | None, direction: str) -> bool:
 
 
 class Window:
-    """Sums over one logging interval."""
+    """Sums over one logging interval, kept on the device and read once, at a log or checkpoint step.
 
-    def __init__(self):
-        self.steps = 0
-        self.loss = self.grad_norm = self.jets = self.particles = self.time = 0.0
-        self.grad_norm_steps = 0
-        self.micro = 0
+    It also notes the interval's first non-finite step (loss or gradient norm), which the
+    NaN policy checks there. Loss and gradient norm sum in float64, as the host did before.
+    """
+
+    def __init__(self, device: torch.device, first_step: int):
+        self.first_step = first_step  # the step number of the interval's first step
+        self.steps = self.micro = self.jets = self.particles = self.grad_norm_steps = 0
+        self.time, self.lr = 0.0, 0.0
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.grad_norm = torch.zeros_like(self.loss)
+        self.finite_steps = torch.zeros_like(self.loss)  # steps before the first non-finite one
+        self.first_bad = torch.zeros(3, dtype=torch.float64, device=device)  # [seen, its loss, its grad norm]
         self.metrics: dict[str, torch.Tensor | float] = {}
-        self.extra: dict[str, float] = {}
+        self.extra: dict[str, Any] = {}
 
-    def add(self, loss, metric_sums, micro, grad_norm, jets, particles, seconds) -> None:
+    def add(self, loss, grad_norm, metric_sums, micro, jets, particles, lr) -> None:
+        """One optimizer step: `loss` (this process's mean) and `grad_norm` are 0-dim device tensors."""
         self.steps += 1
-        self.loss += loss
         self.micro += micro
-        for key, value in metric_sums.items():
-            self.metrics[key] = self.metrics.get(key, 0.0) + value
+        self.jets += jets
+        self.particles += particles
+        self.lr = lr
+        loss = loss.double()
+        self.loss += loss
+        finite = torch.isfinite(loss)
         if grad_norm is not None:
             self.grad_norm += grad_norm
             self.grad_norm_steps += 1
-        self.jets += jets
-        self.particles += particles
-        self.time += seconds
+            finite &= torch.isfinite(grad_norm)
+        for key, value in metric_sums.items():
+            self.metrics[key] = self.metrics.get(key, 0.0) + value
+        clean = self.first_bad[0] == 0  # no non-finite step before this one
+        self.finite_steps += clean & finite
+        record = torch.stack([torch.ones_like(loss), loss, grad_norm if grad_norm is not None else loss * math.nan])
+        self.first_bad = torch.where(clean & ~finite, record, self.first_bad)
 
-    def summary(self, *, lr: float, memory_gb: float, epoch: float) -> dict[str, float]:
+    def _row(self) -> torch.Tensor:
+        """(8,) this process's [loss, grad_norm, finite_steps, seen, bad loss, bad grad norm, jets, particles]."""
+        counts = torch.tensor([self.jets, self.particles], dtype=torch.float64)
+        return torch.cat([torch.stack([self.loss, self.grad_norm, self.finite_steps]), self.first_bad,
+                          counts.to(self.loss.device, non_blocking=True)])
+
+    def totals(self, accelerator) -> dict:
+        """Every process's row, read on the host: the interval's one device sync (collective)."""
+        row = self._row()[None]
+        rows = (accelerator.gather(row) if accelerator.num_processes > 1 else row).tolist()
+        return {"rows": rows, "rank": accelerator.process_index, "jets": sum(r[6] for r in rows),
+                "particles": sum(r[7] for r in rows)}
+
+    def first_nonfinite(self, totals: dict | None = None, *, local: bool = False) -> Diverged | None:
+        """The first non-finite step over all processes (or this one, `local`: no collective), if any."""
+        try:
+            rows = self._row()[None].tolist() if local else totals["rows"]
+        except Exception:  # noqa: BLE001 - a broken device cannot tell; the caller's error stands
+            return None
+        bad = [r for r in rows if r[3] > 0]
+        if not bad:
+            return None
+        first = min(bad, key=lambda r: r[2])
+        loss, grad_norm = first[4], (first[5] if self.grad_norm_steps else None)
+        reason = "loss" if not math.isfinite(loss) else "gradient norm"
+        return Diverged(self.first_step + int(first[2]), loss, grad_norm, reason)
+
+    def summary(self, totals: dict, *, world: int, memory_gb: float, epoch: float) -> dict[str, float]:
+        """The logged record: mean loss over steps and processes, this process's metrics, throughput."""
         steps = max(self.steps, 1)
-        out = {"train/loss": self.loss / steps}
+        rows = totals["rows"]
+        out = {"train/loss": sum(r[0] for r in rows) / world / steps}
         for key, value in self.metrics.items():  # this rank's micro-batch mean
             out[f"train/{key}"] = float(value) / max(self.micro, 1)
         for key, value in self.extra.items():
-            out[f"train/{key}"] = value
-        out["lr"] = lr
-        if self.grad_norm_steps:
-            out["grad_norm"] = self.grad_norm / self.grad_norm_steps
+            out[f"train/{key}"] = float(value)
+        out["lr"] = self.lr
+        if self.grad_norm_steps:  # the same on every process
+            out["grad_norm"] = rows[totals["rank"]][1] / self.grad_norm_steps
         seconds = max(self.time, 1e-9)
-        out["perf/jets_per_s"] = self.jets / seconds
-        out["perf/particles_per_s"] = self.particles / seconds
+        out["perf/jets_per_s"] = totals["jets"] / seconds
+        out["perf/particles_per_s"] = totals["particles"] / seconds
         out["perf/step_time_s"] = self.time / steps
         out["perf/memory_gb"] = memory_gb
         out["epoch"] = float(epoch)
@@ -579,12 +726,47 @@ def _epochs_done(loader) -> float:
     return round(loader.epoch + loader.batches_done / max(1, loader.batches_per_epoch()), 4)
 
 
-def _to_float(value) -> float | None:
+def _norm_tensor(value, device: torch.device) -> torch.Tensor | None:
+    """The gradient norm as a 0-dim float64 tensor on the device, without waiting for it (None: unknown)."""
     if value is None:
         return None
     if hasattr(value, "full_tensor"):  # FSDP2 returns a replicated DTensor
         value = value.full_tensor()
-    return float(value)
+    if not torch.is_tensor(value):  # DeepSpeed reports a number
+        value = torch.tensor(float(value), dtype=torch.float64).to(device, non_blocking=True)
+    return value.detach().to(torch.float64).reshape(())
+
+
+def _nonfinite_now(accelerator, loss, grad_norm, step: int) -> Diverged | None:
+    """nan_policy=skip: this step's mean loss over processes and its gradient norm, read on the host."""
+    values = torch.stack([loss.double(), grad_norm if grad_norm is not None else torch.zeros_like(loss.double())])
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(values, reduction="sum") / accelerator.num_processes
+    loss_value, norm_value = values.tolist()
+    norm_value = norm_value if grad_norm is not None else None
+    if math.isfinite(loss_value) and (norm_value is None or math.isfinite(norm_value)):
+        return None
+    return Diverged(step, loss_value, norm_value, "loss" if not math.isfinite(loss_value) else "gradient norm")
+
+
+def make_stop_vote(accelerator) -> Callable[[bool], bool]:
+    """`vote(received) -> bool`: whether any process got SIGTERM/SIGINT, agreed on every step.
+
+    Several processes all-reduce one number on the host, over gloo (a second, CPU group when the
+    main one is NCCL), so agreeing never waits for the device's queue of work.
+    """
+    if accelerator.num_processes == 1:
+        return lambda received: received
+    import torch.distributed as dist
+
+    group = None if "gloo" in str(dist.get_backend()) else dist.new_group(backend="gloo")  # collective
+
+    def vote(received: bool) -> bool:
+        flag = torch.tensor([1.0 if received else 0.0])
+        dist.all_reduce(flag, group=group)
+        return bool(flag.item() > 0)
+
+    return vote
 
 
 def _memory_gb(device: torch.device) -> float:
@@ -619,36 +801,6 @@ def _note_config_changes(say, checkpoint_dir: Path, cfg: Config) -> None:
     if changed:
         say("config differs from the checkpoint's in: " + ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})"
                                                                      for k in changed[:10]))
-
-
-def _summary_dict(**scope) -> dict:
-    cfg: Config = scope["cfg"]
-    tracker = scope.get("tracker")
-    train_time = scope.get("train_time_total", 0.0)
-    return {
-        "status": scope.get("status"),
-        "message": scope.get("message"),
-        "stage": cfg.stage,
-        "name": cfg.name,
-        "out_dir": str(cfg.out_dir),
-        "steps": scope.get("step"),
-        "steps_this_session": (scope.get("step") or 0) - (scope.get("start_step") or 0),
-        "max_steps": cfg.train.max_steps,
-        "epoch": _epochs_done(scope["train_loader"]) if scope.get("train_loader") else None,
-        "resumed_from": str(scope["checkpoint_dir"]) if scope.get("checkpoint_dir") else None,
-        "checkpoint": str(scope["last_checkpoint"]) if scope.get("last_checkpoint") else None,
-        "final": str(scope["final_dir"]) if scope.get("final_dir") else None,
-        "wall_time_s": round(time.perf_counter() - scope["t_start"], 2),
-        "train_time_s": round(train_time, 2),
-        "mean_jets_per_s": scope.get("jets_total", 0.0) / train_time if train_time else None,
-        "global_batch_jets": cfg.data.batch_size * cfg.train.grad_accum_steps * (scope.get("world") or 1),
-        "parameters": scope.get("n_params"),
-        "distributed": scope.get("info"),
-        "train": scope.get("last_train"),
-        "val": scope.get("last_val"),
-        "best": scope.get("best"),
-        "mlflow": {"uri": getattr(tracker, "uri", None), "run_id": getattr(tracker, "run_id", None)},
-    }
 
 
 def _write_summary(run_dir: Path, is_main: bool, summary: dict) -> None:
