@@ -338,6 +338,22 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
     assert summary["status"] == "diverged" and summary["steps"] == 4
 
 
+def test_nan_found_at_the_next_checkpoint_step_names_the_first_bad_step(tmp_path, tiny_data, capsys, monkeypatch):
+    """Losses stay on the device between log steps: a NaN at step 5 (log_every=4) is found at the
+    step-6 checkpoint, before anything is written for it; steps 5 and 6 are discarded."""
+    monkeypatch.setenv("JETFM_TEST_NAN_AT", "5")
+    config = tiny_config(tmp_path, tiny_data, train={"max_steps": 8, "checkpoint_every": 2, "log_every": 4})
+    assert run(config) == 3
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 5: loss=nan" in err and "step-000004" in err
+    run_dir = tmp_path / "tiny"
+    assert [p.name for _, p in ckpt.list_checkpoints(run_dir / "checkpoints")] == ["step-000002", "step-000004"]
+    losses = read_metrics(run_dir)
+    assert list(losses) == [4] and math.isfinite(losses[4])  # the window of steps 5..8 never logged
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["steps"] == 4
+
+
 def test_nan_policy_skip_drops_one_update(tmp_path, tiny_data, monkeypatch):
     monkeypatch.setenv("JETFM_TEST_NAN_AT", "3")
     config = tiny_config(tmp_path, tiny_data, train={"max_steps": 6, "nan_policy": "skip"})
