@@ -35,7 +35,7 @@ LAYERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ("jetfm.stages", "jetfm.tokenizer.evaluate", "jetfm.tokenizer.tokenize", "jetfm.finetune.evaluate",
       "jetfm.sampling", "jetfm.evaluation", "jetfm.estimate", "jetfm.scaling")),
     ("trainer", "the training loop",
-     ("jetfm.train",)),
+     ("jetfm.train", "jetfm.train_metrics")),
     ("commands", "what a user runs: the jetfm command and its subcommands",
      ("jetfm.cli", "jetfm.demo", "jetfm.sweep", "jetfm.generate", "jetfm.scaling.__main__")),
 )

@@ -71,14 +71,10 @@ from jetfm.data.shards import Manifest
 from jetfm.distributed import describe, make_accelerator, sync_replicas, unwrap
 from jetfm.models.optim import build_optimizer
 from jetfm.tracking import start_tracking
+from jetfm.train_metrics import (Diverged, Window, format_summary, grad_norm_tensor, memory_gb,
+                                 nonfinite_now, write_summary)
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_DIVERGED = 0, 1, 2, 3
-
-
-class Diverged(RuntimeError):
-    def __init__(self, step: int, loss: float, grad_norm: float | None, reason: str):
-        self.step, self.loss, self.grad_norm, self.reason = step, loss, grad_norm, reason
-        super().__init__(f"non-finite {reason} at step {step}: loss={loss}, grad_norm={grad_norm}")
 
 
 # --------------------------------------------------------------------------- command line
@@ -133,7 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, stages.StageError) as error:
         print(f"jetfm: {error}", file=sys.stderr)
         return EXIT_ERROR
-
 
 
 # --------------------------------------------------------------------------- the run
@@ -212,7 +207,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
     except BaseException as error:
         status, message = "failed", f"{type(error).__name__}: {error}"
         run.tracker.close("FAILED")
-        _write_summary(run.run_dir, run.is_main, summarize(run, status, message))
+        write_summary(run.run_dir, run.is_main, summarize(run, status, message))
         raise
     finally:
         stop.restore()
@@ -227,8 +222,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
     # ---- summary
     run.tracker.close({"completed": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
     summary = summarize(run, status, message, final_dir)
-    _write_summary(run.run_dir, run.is_main, summary)
-    run.say(_format_summary(summary))
+    write_summary(run.run_dir, run.is_main, summary)
+    run.say(format_summary(summary))
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
     return exit_code
@@ -402,12 +397,12 @@ def train_step(run: Run, batches: Iterator, window: Window) -> Diverged | None:
         particles += batch.num_particles
     if not accelerator.sync_gradients:
         raise RuntimeError("gradient accumulation out of step with accelerate's counter")
-    grad_norm = _norm_tensor(accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf),
+    grad_norm = grad_norm_tensor(accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf),
                              accelerator.device)
     loss_mean = loss_sum / accum
 
     if cfg.train.nan_policy == "skip":  # the host decides before stepping: one sync per step
-        skipped = _nonfinite_now(accelerator, loss_mean, grad_norm, run.step + 1)
+        skipped = nonfinite_now(accelerator, loss_mean, grad_norm, run.step + 1)
         if skipped is not None:
             run.optimizer.zero_grad(set_to_none=True)
             return skipped
@@ -435,7 +430,7 @@ def check_finite(window: Window, totals: dict) -> None:
 def log_window(run: Run, totals: dict, bar) -> None:
     """Train metrics of the window: MLflow (batched), metrics.jsonl, the bar or a line; a new window."""
     window, step = run.window, run.step
-    run.last_train = window.summary(totals, world=run.world, memory_gb=_memory_gb(run.accelerator.device),
+    run.last_train = window.summary(totals, world=run.world, memory_gb=memory_gb(run.accelerator.device),
                                     epoch=_epochs_done(run.train_loader))
     run.jets_total += totals["jets"]
     run.train_time_total += window.time
@@ -596,93 +591,6 @@ def _improves(value, best: dict | None, direction: str) -> bool:
     return value > best["value"] if direction == "max" else value < best["value"]
 
 
-class Window:
-    """Sums over one logging interval, kept on the device and read once, at a log or checkpoint step.
-
-    It also notes the interval's first non-finite step (loss or gradient norm), which the
-    NaN policy checks there. Loss and gradient norm sum in float64, as the host did before.
-    """
-
-    def __init__(self, device: torch.device, first_step: int):
-        self.first_step = first_step  # the step number of the interval's first step
-        self.steps = self.micro = self.jets = self.particles = self.grad_norm_steps = 0
-        self.time, self.lr = 0.0, 0.0
-        self.loss = torch.zeros((), dtype=torch.float64, device=device)
-        self.grad_norm = torch.zeros_like(self.loss)
-        self.finite_steps = torch.zeros_like(self.loss)  # steps before the first non-finite one
-        self.first_bad = torch.zeros(3, dtype=torch.float64, device=device)  # [seen, its loss, its grad norm]
-        self.metrics: dict[str, torch.Tensor | float] = {}
-        self.extra: dict[str, Any] = {}
-
-    def add(self, loss, grad_norm, metric_sums, micro, jets, particles, lr) -> None:
-        """One optimizer step: `loss` (this process's mean) and `grad_norm` are 0-dim device tensors."""
-        self.steps += 1
-        self.micro += micro
-        self.jets += jets
-        self.particles += particles
-        self.lr = lr
-        loss = loss.double()
-        self.loss += loss
-        finite = torch.isfinite(loss)
-        if grad_norm is not None:
-            self.grad_norm += grad_norm
-            self.grad_norm_steps += 1
-            finite &= torch.isfinite(grad_norm)
-        for key, value in metric_sums.items():
-            self.metrics[key] = self.metrics.get(key, 0.0) + value
-        clean = self.first_bad[0] == 0  # no non-finite step before this one
-        self.finite_steps += clean & finite
-        record = torch.stack([torch.ones_like(loss), loss, grad_norm if grad_norm is not None else loss * math.nan])
-        self.first_bad = torch.where(clean & ~finite, record, self.first_bad)
-
-    def _row(self) -> torch.Tensor:
-        """(8,) this process's [loss, grad_norm, finite_steps, seen, bad loss, bad grad norm, jets, particles]."""
-        counts = torch.tensor([self.jets, self.particles], dtype=torch.float64)
-        return torch.cat([torch.stack([self.loss, self.grad_norm, self.finite_steps]), self.first_bad,
-                          counts.to(self.loss.device, non_blocking=True)])
-
-    def totals(self, accelerator) -> dict:
-        """Every process's row, read on the host: the interval's one device sync (collective)."""
-        row = self._row()[None]
-        rows = (accelerator.gather(row) if accelerator.num_processes > 1 else row).tolist()
-        return {"rows": rows, "rank": accelerator.process_index, "jets": sum(r[6] for r in rows),
-                "particles": sum(r[7] for r in rows)}
-
-    def first_nonfinite(self, totals: dict | None = None, *, local: bool = False) -> Diverged | None:
-        """The first non-finite step over all processes (or this one, `local`: no collective), if any."""
-        try:
-            rows = self._row()[None].tolist() if local else totals["rows"]
-        except Exception:  # noqa: BLE001 - a broken device cannot tell; the caller's error stands
-            return None
-        bad = [r for r in rows if r[3] > 0]
-        if not bad:
-            return None
-        first = min(bad, key=lambda r: r[2])
-        loss, grad_norm = first[4], (first[5] if self.grad_norm_steps else None)
-        reason = "loss" if not math.isfinite(loss) else "gradient norm"
-        return Diverged(self.first_step + int(first[2]), loss, grad_norm, reason)
-
-    def summary(self, totals: dict, *, world: int, memory_gb: float, epoch: float) -> dict[str, float]:
-        """The logged record: mean loss over steps and processes, this process's metrics, throughput."""
-        steps = max(self.steps, 1)
-        rows = totals["rows"]
-        out = {"train/loss": sum(r[0] for r in rows) / world / steps}
-        for key, value in self.metrics.items():  # this rank's micro-batch mean
-            out[f"train/{key}"] = float(value) / max(self.micro, 1)
-        for key, value in self.extra.items():
-            out[f"train/{key}"] = float(value)
-        out["lr"] = self.lr
-        if self.grad_norm_steps:  # the same on every process
-            out["grad_norm"] = rows[totals["rank"]][1] / self.grad_norm_steps
-        seconds = max(self.time, 1e-9)
-        out["perf/jets_per_s"] = totals["jets"] / seconds
-        out["perf/particles_per_s"] = totals["particles"] / seconds
-        out["perf/step_time_s"] = self.time / steps
-        out["perf/memory_gb"] = memory_gb
-        out["epoch"] = float(epoch)
-        return out
-
-
 class StopSignals:
     """SIGTERM/SIGINT set a flag; the loop checkpoints and exits. A second signal acts at once."""
 
@@ -726,29 +634,6 @@ def _epochs_done(loader) -> float:
     return round(loader.epoch + loader.batches_done / max(1, loader.batches_per_epoch()), 4)
 
 
-def _norm_tensor(value, device: torch.device) -> torch.Tensor | None:
-    """The gradient norm as a 0-dim float64 tensor on the device, without waiting for it (None: unknown)."""
-    if value is None:
-        return None
-    if hasattr(value, "full_tensor"):  # FSDP2 returns a replicated DTensor
-        value = value.full_tensor()
-    if not torch.is_tensor(value):  # DeepSpeed reports a number
-        value = torch.tensor(float(value), dtype=torch.float64).to(device, non_blocking=True)
-    return value.detach().to(torch.float64).reshape(())
-
-
-def _nonfinite_now(accelerator, loss, grad_norm, step: int) -> Diverged | None:
-    """nan_policy=skip: this step's mean loss over processes and its gradient norm, read on the host."""
-    values = torch.stack([loss.double(), grad_norm if grad_norm is not None else torch.zeros_like(loss.double())])
-    if accelerator.num_processes > 1:
-        values = accelerator.reduce(values, reduction="sum") / accelerator.num_processes
-    loss_value, norm_value = values.tolist()
-    norm_value = norm_value if grad_norm is not None else None
-    if math.isfinite(loss_value) and (norm_value is None or math.isfinite(norm_value)):
-        return None
-    return Diverged(step, loss_value, norm_value, "loss" if not math.isfinite(loss_value) else "gradient norm")
-
-
 def make_stop_vote(accelerator) -> Callable[[bool], bool]:
     """`vote(received) -> bool`: whether any process got SIGTERM/SIGINT, agreed on every step.
 
@@ -767,14 +652,6 @@ def make_stop_vote(accelerator) -> Callable[[bool], bool]:
         return bool(flag.item() > 0)
 
     return vote
-
-
-def _memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _printer(is_main: bool):
@@ -801,32 +678,6 @@ def _note_config_changes(say, checkpoint_dir: Path, cfg: Config) -> None:
     if changed:
         say("config differs from the checkpoint's in: " + ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})"
                                                                      for k in changed[:10]))
-
-
-def _write_summary(run_dir: Path, is_main: bool, summary: dict) -> None:
-    if not is_main:
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    os.replace(tmp, run_dir / "summary.json")
-
-
-def _format_summary(s: dict) -> str:
-    train, val = s.get("train") or {}, s.get("val") or {}
-    rows = [
-        ("status", f"{s['status']}" + (f" — {s['message']}" if s.get("message") else "")),
-        ("steps", f"{s['steps']} / {s['max_steps']} ({s['epoch']} epochs)"),
-        ("train loss", f"{train.get('train/loss', float('nan')):.4g}"),
-        ("val", ", ".join(f"{k} {v:.4g}" for k, v in list(val.items())[:4]) or "-"),
-        ("throughput", f"{s['mean_jets_per_s']:,.0f} jets/s" if s.get("mean_jets_per_s") else "-"),
-        ("time", f"{s['wall_time_s']:.1f} s wall, {s['train_time_s']:.1f} s in steps"),
-        ("checkpoint", s.get("checkpoint") or "-"),
-        ("mlflow", f"{s['mlflow']['uri']} run {s['mlflow']['run_id']}" if s["mlflow"]["run_id"] else "off"),
-        ("summary", f"{s['out_dir']}/summary.json"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
 if __name__ == "__main__":
