@@ -1,6 +1,6 @@
 """The layer order of jetfm: every import points down this list or stays within its layer.
 
-    base -> data -> metrics -> config -> runtime -> models -> stages -> trainer -> commands
+    base -> data -> metrics -> config -> models -> runtime -> stages -> trainer -> commands
 
 A module may import modules of its own layer and of the layers before it, never of a later
 one, and no two modules may import each other, directly or around a loop; imports inside
@@ -19,25 +19,26 @@ from __future__ import annotations
 
 #: (layer, what it holds, modules and packages), lowest first.
 LAYERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("base", "imports nothing from jetfm: the version, this order, messages, atomic publishing",
-     ("jetfm", "jetfm.layers", "jetfm.messages", "jetfm.artifacts", "jetfm.artifacts.atomic")),
-    ("data", "shards, manifest, reader, features, physics; the data commands (generate, convert, inspect)",
+    ("base", "imports nothing from jetfm: the version, this order, config choices, messages, atomic publishing",
+     ("jetfm", "jetfm.layers", "jetfm.choices", "jetfm.messages", "jetfm.artifacts", "jetfm.artifacts.atomic")),
+    ("data", "shard format, manifest and writer, reader, batches, features, physics",
      ("jetfm.data",)),
     ("metrics", "observables, distances, classification metrics, plots",
      ("jetfm.metrics",)),
     ("config", "the experiment config and the dataclasses of its sections",
      ("jetfm.config", "jetfm.models.config", "jetfm.tokenizer.config", "jetfm.finetune.config")),
-    ("runtime", "what a run stands on: accelerate setup, MLflow tracking and run lookup, checkpoints",
-     ("jetfm.distributed", "jetfm.tracking", "jetfm.checkpoint", "jetfm.artifacts.runs")),
     ("models", "modules, objectives, optimizer groups; the tokenizer and classifier models; stage exports",
      ("jetfm.models", "jetfm.tokenizer", "jetfm.finetune", "jetfm.artifacts.exports")),
+    ("runtime", "what runs the models: accelerate and parallelism, checkpoints, MLflow tracking and run lookup",
+     ("jetfm.distributed", "jetfm.tracking", "jetfm.checkpoint", "jetfm.artifacts.runs")),
     ("stages", "what a stage needs beyond its model: evaluation, tokenizing, sampling, estimates, scaling",
      ("jetfm.stages", "jetfm.tokenizer.evaluate", "jetfm.tokenizer.tokenize", "jetfm.finetune.evaluate",
       "jetfm.sampling", "jetfm.evaluation", "jetfm.estimate", "jetfm.scaling")),
     ("trainer", "the training loop",
      ("jetfm.train", "jetfm.train_metrics")),
-    ("commands", "what a user runs: the jetfm command and its subcommands",
-     ("jetfm.cli", "jetfm.demo", "jetfm.sweep", "jetfm.generate", "jetfm.scaling.__main__")),
+    ("commands", "what a user runs: the jetfm command and its subcommands (the data ones included)",
+     ("jetfm.cli", "jetfm.demo", "jetfm.sweep", "jetfm.generate", "jetfm.data.generate", "jetfm.data.convert",
+      "jetfm.data.inspect", "jetfm.scaling.__main__")),
 )
 
 LAYER_NAMES: tuple[str, ...] = tuple(name for name, _, _ in LAYERS)
