@@ -17,9 +17,11 @@ model, optimizer and schedule -> prepare -> resume -> tracking, held in a `Run`)
 that ask for it `check_finite`, `log_window`, `run_validation`, `write_checkpoint`; then the
 export and `summarize`.
 
-Host and device meet only on those steps: loss, gradient norm and metrics are summed on the
-device and read once per log step (with the NaN check), so a GPU never waits for the host in
-between. Under nan_policy=stop a non-finite loss or gradient norm is noted on the device and
+The loop meets the device only on those steps: loss, gradient norm and metrics are summed on
+the device and read once (with the NaN check), so between them the host runs ahead of the GPU
+(a model may still sync itself: MPM repacking reads one count per step).
+
+NaN policy. Under nan_policy=stop a non-finite loss or gradient norm is noted on the device and
 found at the next log, validation or checkpoint step (at most train.log_every steps later); the
 run then stops naming the first bad step, and nothing after it is logged, validated, saved or
 exported, so a NaN never reaches a checkpoint. Its optimizer step is not skipped (skipping needs

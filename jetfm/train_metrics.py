@@ -18,6 +18,8 @@ import torch
 
 
 class Diverged(RuntimeError):
+    """A non-finite loss or gradient norm at `step`: the run stops with exit status 3."""
+
     def __init__(self, step: int, loss: float, grad_norm: float | None, reason: str):
         self.step, self.loss, self.grad_norm, self.reason = step, loss, grad_norm, reason
         super().__init__(f"non-finite {reason} at step {step}: loss={loss}, grad_norm={grad_norm}")
