@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -40,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.shards import atomic_directory
-from ..data.features import DERIVED_FEATURES, FeatureTransform, Preprocessing, reference_features
+from ..artifacts.atomic import atomic_directory
+from ..data.features import DERIVED_FEATURES, FeatureTransform, Preprocessing, reference_features, same_features
 from .codebook import Codebook, CodebookCollapseError, code_statistics, collapse_message, nearest_codes
 from .config import TokenizerConfig
 
@@ -479,13 +478,7 @@ def preprocessing_spec(features) -> dict[str, dict]:
 def check_features_match(tokenizer_spec, other_spec, tokenizer_where: str, other_where: str) -> None:
     """Raise TokenizerMismatchError naming both sides unless names, order and transforms agree."""
     mine, theirs = preprocessing_spec(tokenizer_spec), preprocessing_spec(other_spec)
-
-    def same(a, b):
-        return a["function"] == b["function"] and all(
-            math.isclose(a[k], b[k], rel_tol=1e-9, abs_tol=1e-12) for k in ("subtract", "multiply")
-        )
-
-    if list(mine) != list(theirs) or not all(same(mine[n], theirs[n]) for n in mine):
+    if not same_features(mine, theirs):
         raise TokenizerMismatchError(
             f"tokenizer features/preprocessing do not match:\n  {tokenizer_where}: {mine}\n  {other_where}: {theirs}\n"
             "Use the data.features the tokenizer was trained with, or train/choose a matching tokenizer."
