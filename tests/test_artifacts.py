@@ -196,7 +196,7 @@ def test_pretrain_export_round_trip_and_versions(tmp_path):
     export_model(torch.nn.Linear(2, 2), tok_cfg, tmp_path / "tok")
     with pytest.raises(ExportError, match="a 'tokenizer' checkpoint"):
         read_pretrain(tmp_path / "tok")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ExportError, match="missing: no such directory"):
         read_pretrain(tmp_path / "missing")
 
 

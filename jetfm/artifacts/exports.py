@@ -88,17 +88,19 @@ def weights_metadata(path) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- pre-training
-def resolve_export_dir(path, *, what: str = "a pre-training export") -> Path:
-    """The directory holding model.safetensors + config.yaml: PATH itself, or PATH/final (a run dir)."""
+def resolve_export_dir(path, *, where: str | None = None) -> Path:
+    """The directory holding model.safetensors + config.yaml: PATH itself, or PATH/final (a run dir).
+    `where` names the path in errors (e.g. the option that gave it)."""
     path = Path(path)
+    where = where or str(path)
     for candidate in (path, path / "final"):
         if (candidate / WEIGHTS_FILE).is_file() and (candidate / CONFIG_FILE).is_file():
             return candidate
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
+        raise ExportError(f"{where}: no such directory; expected a pre-training run's out_dir/final")
     raise ExportError(
-        f"{path}: not {what}; expected a pre-training run's out_dir/final (model.safetensors + config.yaml there "
-        f"or in {path / 'final'}, what `python jetfm/train.py` writes for stage pretrain)"
+        f"{where}: not a pre-training export; expected a pre-training run's out_dir/final (model.safetensors + "
+        f"config.yaml there or in {path / 'final'}, what `python jetfm/train.py` writes for stage pretrain)"
     )
 
 
@@ -150,7 +152,7 @@ def read_pretrain(path, *, where: str | None = None) -> PretrainExport:
     from safetensors.torch import load_file
 
     where = where or str(path)
-    directory = resolve_export_dir(path)
+    directory = resolve_export_dir(path, where=where)
     version = int(weights_metadata(directory / WEIGHTS_FILE).get("format_version", 1))
     if version > PRETRAIN_VERSION:
         raise ExportError(f"{where}: export format_version {version}; this jetfm reads up to {PRETRAIN_VERSION}")

@@ -244,11 +244,7 @@ class FinetuneModel(nn.Module):
 # --------------------------------------------------------------------------- checkpoints
 def read_pretrained(path) -> tuple[dict, dict[str, torch.Tensor], Path]:
     """(config dict, state dict, directory) of a pre-training export (out_dir/final or out_dir)."""
-    try:
-        export = read_pretrain(path, where=f"finetune.pretrained={path}")
-    except FileNotFoundError as error:
-        raise ConfigError(f"finetune.pretrained={path}: no such directory; expected a pre-training run's "
-                          "out_dir/final") from error
+    export = read_pretrain(path, where=f"finetune.pretrained={path}")
     return export.saved, export.state, export.directory
 
 
