@@ -136,6 +136,10 @@ def test_sigkill_at_the_publish_steps_of_pretrain_export(tmp_path, point):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL and out.split() == ["1"]
     assert _check_whole(final) == (2.0 if point.endswith(":after") else 1.0)
+    cfg, model = tiny_pretrain()
+    export_model(model, cfg, final)  # the next export publishes and clears what the killed one left
+    assert read_pretrain(final).vocab_size == 10
+    assert [p.name for p in final.parent.iterdir()] == ["final"]
 
 
 @pytest.mark.slow
@@ -214,6 +218,34 @@ def test_export_stage_publishes_exporter_output_and_note_together(tmp_path):
     assert read_pretrain(tmp_path / "best").vocab_size == 10
     export_stage(None, model, cfg, tmp_path / "best")  # a re-export without a note replaces it whole
     assert not (tmp_path / "best" / "selection.json").exists()
+
+
+def test_classifier_reader_checks_format_and_version(tmp_path):
+    from types import SimpleNamespace
+
+    from jetfm.artifacts.exports import export_classifier, read_classifier
+
+    cfg = load_config(None, ["stage=finetune"])
+    module = torch.nn.Linear(3, 2)
+    classifier = SimpleNamespace(state_dict=module.state_dict, run_config=cfg, classes=["QCD", "Tbqq"],
+                                 meta={"format": "jetfm-classifier", "num_features": 3})
+    export_classifier(classifier, tmp_path / "best")
+    read_cfg, state, meta = read_classifier(tmp_path / "best")
+    assert read_cfg.stage == "finetune" and meta["format_version"] == 1 and meta["classes"] == ["QCD", "Tbqq"]
+    assert torch.equal(state["weight"], module.weight.detach())
+    meta_path = tmp_path / "best" / "classifier.json"
+    del meta["format_version"]  # written before versioning: version 1
+    meta_path.write_text(json.dumps(meta))
+    assert read_classifier(tmp_path / "best")[2]["classes"] == ["QCD", "Tbqq"]
+    meta_path.write_text(json.dumps(dict(meta, format_version=2)))
+    with pytest.raises(ExportError, match="format_version 2; this jetfm reads up to 1"):
+        read_classifier(tmp_path / "best")
+    meta_path.write_text(json.dumps(dict(meta, format="jetfm")))
+    with pytest.raises(ExportError, match="expected 'jetfm-classifier'"):
+        read_classifier(tmp_path / "best")
+    meta_path.unlink()
+    with pytest.raises(ExportError, match="no classifier.json"):
+        read_classifier(tmp_path / "best")
 
 
 # --------------------------------------------------------------------------- runs

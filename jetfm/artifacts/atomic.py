@@ -132,11 +132,14 @@ def replace_directory(src, directory) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(directory):
-    """Yield a fresh temporary directory beside `directory`; when the block succeeds its files are
-    fsynced and it replaces `directory` whole (replace_directory); on any error it is deleted and
-    `directory` stays as it was."""
+    """Yield a fresh temporary directory beside `directory` (`.<name>.*.tmp`); when the block
+    succeeds its files are fsynced and it replaces `directory` whole (replace_directory); on any
+    error it is deleted and `directory` stays as it was. Temporary directories of an earlier
+    publish of the same name that was killed are removed first (one publisher per directory)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    for stale in directory.parent.glob(f".{directory.name}.*.tmp"):  # left by a process killed while publishing
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
         yield tmp
