@@ -40,7 +40,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..artifacts.atomic import atomic_directory
-from ..data.features import DERIVED_FEATURES, FeatureTransform, Preprocessing, reference_features, same_features
+from ..data.features import (
+    DERIVED_FEATURES,
+    FeatureTransform,
+    Preprocessing,
+    feature_spec,
+    same_features,
+)
 from .codebook import Codebook, CodebookCollapseError, code_statistics, collapse_message, nearest_codes
 from .config import TokenizerConfig
 
@@ -459,17 +465,8 @@ class ParticleTokenizer(nn.Module):
 # ---------------------------------------------------------------------- features
 def preprocessing_spec(features) -> dict[str, dict]:
     """Normalise a feature description (config dict, FeatureTransform dict, Preprocessing or None)
-    to {name: {"function", "subtract", "multiply"}} with plain floats."""
-    if features is None:
-        features = reference_features()
-    if isinstance(features, Preprocessing):
-        features = features.features
-    out = {}
-    for name, transform in dict(features).items():
-        if isinstance(transform, FeatureTransform):
-            transform = asdict(transform)
-        transform = FeatureTransform(**dict(transform or {}))  # validates keys and values
-        out[name] = {"function": transform.function, "subtract": float(transform.subtract), "multiply": float(transform.multiply)}
+    to {name: {"function", "subtract", "multiply"}} with plain floats (data.features.feature_spec)."""
+    out = feature_spec(features)
     if not out:
         raise ValueError("tokenizer needs at least one particle feature")
     return out
