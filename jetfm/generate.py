@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts.exports import ExportError, load_pretrain, resolve_export_dir
+from .artifacts.exports import ExportError, load_pretrain, load_tokenizer_export, resolve_export_dir
 from .artifacts.runs import find_run_record
 from .data.features import Preprocessing
 from .data.format import JET_FEATURES, KINEMATIC_FEATURES, DataError
@@ -161,7 +161,6 @@ def generate_to_shards(
 ) -> Manifest:
     """Generate `n_jets` jets from a pre-training checkpoint into the shard set OUT (split
     `generated`). Returns its manifest. See the module docstring for the output conventions."""
-    from .tokenizer.model import load_tokenizer
     from .tokenizer.tokenize import tokens_description
 
     out_dir = Path(out_dir)
@@ -178,7 +177,7 @@ def generate_to_shards(
     cfg, model, checkpoint = load_pretrain_checkpoint(checkpoint_dir, device=device)
     manifest = training_manifest(cfg)
     tok_dir = resolve_tokenizer_dir(cfg, tokenizer_dir, manifest)
-    tokenizer = load_tokenizer(tok_dir, device=device)
+    tokenizer = load_tokenizer_export(tok_dir, device=device)
     check_tokenizer(model, cfg, tokenizer, tok_dir, manifest)
     recorded = [Path(p).resolve() for p in (getattr(cfg.tokenizer, "checkpoint", None),
                                             (manifest.tokens or {}).get("tokenizer") if manifest is not None else None) if p]
