@@ -24,7 +24,6 @@ import contextlib
 import datetime
 import importlib
 import json
-import os
 import re
 import shutil
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .data.shards import atomic_write_text
+from .artifacts.atomic import atomic_write_text, fsync_dir, replace_directory
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -54,17 +53,7 @@ def _write_text(path: Path, text: str) -> None:
     atomic_write_text(path, text)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+_fsync_dir = fsync_dir
 
 
 def _anyone(accelerator, flag: bool) -> bool:
@@ -165,15 +154,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, *, config_yaml: str, 
     error = None
     if main:
         try:
-            if final.exists():  # same step written before (e.g. a rerun): swap it out
-                old = root / (step_name(step) + ".old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-            _fsync_dir(root)
+            replace_directory(tmp, final)  # same step written before (e.g. a rerun): swapped out whole
             _write_text(root / LATEST, final.name + "\n")
             prune(root, keep)
         except Exception as caught:  # noqa: BLE001

@@ -39,10 +39,10 @@ class Stage:
 
 STAGES: dict[str, Stage] = {
     "tokenizer": Stage("jetfm.tokenizer.model:build_tokenizer_model", "jetfm.tokenizer.evaluate:evaluate",
-                       "jetfm.tokenizer.model:save_tokenizer"),
+                       "jetfm.artifacts.exports:export_tokenizer"),
     "pretrain": Stage("jetfm.models.pretrain:build_pretrain_model", None),
     "finetune": Stage("jetfm.finetune.model:build_finetune_model", "jetfm.finetune.evaluate:evaluate",
-                      "jetfm.finetune.model:export_classifier"),
+                      "jetfm.artifacts.exports:export_classifier"),
 }
 
 

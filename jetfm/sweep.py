@@ -83,7 +83,8 @@ def write_train_subset(src, dst, n_jets: int, *, seed: int = 0, split: str = "tr
     splits' shards are symlinked (copied where links fail). Reused if already written."""
     from jetfm.data.format import DataError, JetArrays
     from jetfm.data.reader import iterate_jets
-    from jetfm.data.shards import Manifest, ShardWriter, creation_info
+    from jetfm.artifacts.atomic import atomic_directory
+    from jetfm.data.shards import Manifest, ShardSetWriter, creation_info
 
     src, dst = Path(src), Path(dst)
     manifest = Manifest.load(src)
@@ -99,8 +100,6 @@ def write_train_subset(src, dst, n_jets: int, *, seed: int = 0, split: str = "tr
     order = stratified_choice(labels, n_jets, seed)
     wanted = np.sort(order)
 
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     pieces, start = [], 0
     for jets in iterate_jets(src, split):
         lo, hi = np.searchsorted(wanted, [start, start + len(jets)])
@@ -112,26 +111,22 @@ def write_train_subset(src, dst, n_jets: int, *, seed: int = 0, split: str = "tr
                       jet_features=manifest.jet_features, classes=manifest.classes,
                       max_particles=manifest.max_particles, chunk_size=manifest.chunk_size,
                       created_by=creation_info(), tokens=manifest.tokens, reco_features=manifest.reco_features)
-    for k, first in enumerate(range(0, len(chosen), jets_per_shard)):
-        writer = ShardWriter(tmp, f"{split}/shard-{k:06d}.tar", manifest.particle_features, manifest.jet_features,
-                             len(manifest.classes), chunk_size=manifest.chunk_size)
-        writer.write(chosen.select(np.arange(first, min(first + jets_per_shard, len(chosen)))))
-        subset.add_shard(split, writer.close())
-    for other, shards in manifest.splits.items():
-        if other == split:
-            continue
-        for shard in shards:
-            target, link = (src / shard["path"]).resolve(), tmp / shard["path"]
-            link.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.symlink(target, link)
-            except OSError:
-                shutil.copy2(target, link)
-        subset.splits[other] = [dict(s) for s in shards]
-    subset.save(tmp)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
+    with atomic_directory(dst) as tmp:
+        writer = ShardSetWriter(tmp, split, subset, jets_per_shard=jets_per_shard, save_each=True)
+        writer.write(chosen)
+        writer.finish()
+        for other, shards in manifest.splits.items():
+            if other == split:
+                continue
+            for shard in shards:
+                target, link = (src / shard["path"]).resolve(), tmp / shard["path"]
+                link.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.symlink(target, link)
+                except OSError:
+                    shutil.copy2(target, link)
+            subset.splits[other] = [dict(s) for s in shards]
+        subset.save(tmp)
     return dst
 
 
@@ -184,10 +179,9 @@ def parse_pretrained(text: str) -> dict[str, str | None]:
 
 
 def checkpoint_config(path: str) -> dict:
-    from jetfm.finetune.model import read_pretrained
+    from jetfm.artifacts.exports import read_pretrain
 
-    saved, _, _ = read_pretrained(path)
-    return saved
+    return read_pretrain(path, where=f"finetune.pretrained={path}").saved
 
 
 def plan(pretrained: dict[str, str | None], inputs: list[str], modes: list[str], sizes: list[int],
@@ -429,31 +423,23 @@ def write_plots(rows: list[dict], out: Path) -> list[Path]:
 
 def _log_study(uri: str, experiment: str, out: Path, files: list[Path]) -> None:
     """The study's table and plots as artifacts of one summary run of the experiment (reused on rerun)."""
-    from mlflow.tracking import MlflowClient
+    from jetfm.artifacts.runs import log_to_run, open_run
 
-    client = MlflowClient(tracking_uri=uri)
     state_path = out / "study.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    run_id = state.get("summary_run_id")
-    if run_id is None:
-        experiment_id = client.get_experiment_by_name(experiment).experiment_id
-        run_id = client.create_run(experiment_id, run_name="study-summary",
-                                   tags={"study": str(out), "study.summary": "1"}).info.run_id
-        client.set_terminated(run_id)
+    run_id, new = open_run(uri, state.get("summary_run_id"), experiment=experiment, run_name="study-summary",
+                           tags={"study": str(out), "study.summary": "1"})
+    if new:
         state["summary_run_id"] = run_id
         state_path.write_text(json.dumps(state, indent=1) + "\n")
-    for path in files:
-        client.log_artifact(run_id, str(path))
+    log_to_run(uri, run_id, artifacts=[(path, None) for path in files], terminate=new)
 
 
 def ensure_experiment(uri: str, experiment: str, out: Path) -> None:
     """Create the experiment with its artifacts beside the sqlite database (not in ./mlruns)."""
-    from mlflow.tracking import MlflowClient
+    from jetfm.artifacts.runs import ensure_experiment as ensure
 
-    client = MlflowClient(tracking_uri=uri)
-    if client.get_experiment_by_name(experiment) is None:
-        location = (out / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
-        client.create_experiment(experiment, artifact_location=location)
+    ensure(uri, experiment, (out / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None)
 
 
 # --------------------------------------------------------------------------- command line

@@ -415,3 +415,62 @@ def start_tracking(cfg: Config, *, is_main: bool, run_id: str | None = None) -> 
         http_timeout=t.http_timeout,
         http_retries=t.http_retries,
     )
+
+
+# --------------------------------------------------------------------------- after a run
+# Logging to a run that has ended (evaluations, studies): synchronous, from one process, and it
+# raises on failure: the callers (jetfm.artifacts.runs) decide that a tracking failure is a warning.
+def client(uri: str):
+    """An MlflowClient for `uri`."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, experiment: str, artifact_location: str | None = None) -> str:
+    """The id of `experiment`, created (with `artifact_location`) if it does not exist."""
+    mlflow_client = client(uri)
+    found = mlflow_client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    return mlflow_client.create_experiment(experiment, artifact_location=artifact_location)
+
+
+def create_run(uri: str, experiment: str, *, run_name: str, tags: dict[str, str] | None = None) -> str:
+    """A new run in `experiment` (created if needed); its id."""
+    return client(uri).create_run(experiment_id(uri, experiment), run_name=run_name, tags=tags or {}).info.run_id
+
+
+def run_exists(uri: str, run_id: str) -> bool:
+    try:
+        client(uri).get_run(run_id)
+    except Exception:  # noqa: BLE001 - deleted, never existed, or another store
+        return False
+    return True
+
+
+def log_after_run(uri: str, run_id: str, metrics: dict[str, float] | None = None, *, step: int = 0,
+                  artifacts: list[tuple[Path, str | None]] = (), tags: dict[str, str] | None = None,
+                  terminate: bool = False) -> int:
+    """Log metrics (keys sanitized, non-finite values left out, in log_batch-sized pieces), tags and
+    artifacts ((file or directory, artifact path)) to a run; the number of metrics logged."""
+    import math
+
+    from mlflow.entities import Metric
+
+    mlflow_client = client(uri)
+    now = int(time.time() * 1000)
+    batch = [Metric(sanitize_key(k), float(v), now, int(step)) for k, v in (metrics or {}).items()
+             if v is not None and math.isfinite(float(v))]
+    for i in range(0, len(batch), _MAX_METRICS):
+        mlflow_client.log_batch(run_id, metrics=batch[i:i + _MAX_METRICS], synchronous=True)
+    for key, value in (tags or {}).items():
+        mlflow_client.set_tag(run_id, key, value)
+    for path, artifact_path in artifacts:
+        if Path(path).is_dir():
+            mlflow_client.log_artifacts(run_id, str(path), artifact_path=artifact_path)
+        else:
+            mlflow_client.log_artifact(run_id, str(path), artifact_path)
+    if terminate:
+        mlflow_client.set_terminated(run_id)
+    return len(batch)

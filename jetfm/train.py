@@ -65,6 +65,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from jetfm import stages
+from jetfm.artifacts.exports import export_stage
 from jetfm.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 from jetfm.config import Config, ConfigError, describe_keys, flatten, load_config, load_yaml
 from jetfm.data.format import DataError
@@ -543,7 +544,9 @@ def validate(model, unwrapped, loader, start_state, evaluate, cfg: Config, accel
 def export_final(accelerator, model, unwrapped, cfg: Config, manifest, run_dir: Path, name: str = "final",
                  note: dict | None = None) -> Path:
     """Write the trained model to run_dir/<name> (final, or best: the stage's best_metric) with the
-    stage's exporter (collective call); `note` is written beside it as <name>/selection.json.
+    stage's exporter (collective call); `note` is written beside it as <name>/selection.json. The
+    directory is published whole (jetfm.artifacts.exports.export_stage): a run killed while
+    exporting leaves the previous <name>/ or none, never half of one.
 
     Sharded runs (FSDP2, DeepSpeed) gather the full weights and rank 0 loads them into a fresh
     CPU copy of the model; replicated runs export the module itself.
@@ -562,24 +565,8 @@ def export_final(accelerator, model, unwrapped, cfg: Config, manifest, run_dir: 
     else:
         module = unwrapped
     if accelerator.is_main_process:
-        exporter = stages.stage_exporter(cfg)
-        if exporter is not None:
-            exporter(module, final)
-        else:
-            from safetensors.torch import save_file
-
-            tmp = run_dir / f"{name}.tmp"
-            tmp.mkdir(parents=True, exist_ok=True)
-            weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-            save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "jetfm", "stage": cfg.stage})
-            (tmp / "config.yaml").write_text(cfg.to_yaml())
-            if final.exists():
-                import shutil
-
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        if note is not None:
-            (final / "selection.json").write_text(json.dumps(note, indent=1, default=str) + "\n")
+        # one directory published whole: weights, config and selection.json, or the previous export
+        export_stage(stages.stage_exporter(cfg), module, cfg, final, note)
     accelerator.wait_for_everyone()
     return final
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from jetfm.artifacts.atomic import atomic_write_text
 
 
 class Diverged(RuntimeError):
@@ -147,9 +148,7 @@ def write_summary(run_dir: Path, is_main: bool, summary: dict) -> None:
     if not is_main:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    os.replace(tmp, run_dir / "summary.json")
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
 
 
 def format_summary(s: dict) -> str:

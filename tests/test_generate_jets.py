@@ -23,20 +23,16 @@ from jetfm.data.format import JET_FEATURES, KINEMATIC_FEATURES
 from jetfm.data.physics import jets_from_constituents
 from jetfm.data.reader import iterate_jets
 from jetfm.data.shards import Manifest
+from jetfm.artifacts.runs import find_run_record
+from jetfm.data.jetframe import GENERATED_SPLIT
 from jetfm.generate import (
-    GENERATED_SPLIT,
-    GenerationError,
-    _CachedStepper,
-    _RecomputeStepper,
     add_generate_arguments,
-    find_run_record,
-    generate_jets,
     generate_to_shards,
     load_pretrain_checkpoint,
     resolve_checkpoint_dir,
     run_generate,
-    sample_tokens,
 )
+from jetfm.sampling import GenerationError, _CachedStepper, _RecomputeStepper, generate_jets, sample_tokens
 from jetfm.models.pretrain import build_pretrain_model
 from jetfm.tokenizer.config import TokenizerConfig
 from jetfm.tokenizer.model import ParticleTokenizer, TokenizerMismatchError, load_tokenizer, save_tokenizer

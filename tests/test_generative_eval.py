@@ -19,7 +19,8 @@ from jetfm.data.reader import iterate_jets
 from jetfm.data.shards import Manifest
 from jetfm.evaluation import add_generative_arguments, evaluate_generative, run_generative
 from jetfm.evaluation.generative import JET_NAMES, PARTICLE_NAMES, in_jet_frame
-from jetfm.generate import GENERATED_SPLIT, RELATIVE_FEATURES, jet_frame_jets, write_jet_frame_shards
+from jetfm.data.jetframe import GENERATED_SPLIT, RELATIVE_FEATURES, jet_frame_jets
+from jetfm.generate import write_jet_frame_shards
 from jetfm.tokenizer.config import TokenizerConfig
 from jetfm.tokenizer.model import ParticleTokenizer, save_tokenizer
 from jetfm.tokenizer.tokenize import tokens_description

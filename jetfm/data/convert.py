@@ -49,7 +49,7 @@ import numpy as np
 
 from .format import JET_FEATURES, KINEMATIC_FEATURES, PID_FEATURES, DataError, JetArrays
 from .physics import jets_from_constituents
-from .shards import Manifest, ShardWriter, creation_info
+from .shards import Manifest, ShardSetWriter, creation_info
 
 #: JetClass classes in label order; branch label_X -> class X.
 JETCLASS_CLASSES = ("QCD", "Hbb", "Hcc", "Hgg", "H4q", "Hqql", "Zqq", "Wqq", "Tbqq", "Tbl")
@@ -500,56 +500,6 @@ def parse_fractions(text: str | tuple | list | None) -> tuple[float, ...] | None
 
 
 # ----------------------------------------------------------------------------- output
-class _SplitOutput:
-    """Writes one split's shards, `jets_per_shard` jets each, numbered after existing ones."""
-
-    def __init__(self, root: Path, split: str, first_index: int, manifest: Manifest, jets_per_shard: int):
-        self.root, self.split, self.index = root, split, first_index
-        self.manifest, self.jets_per_shard = manifest, jets_per_shard
-        self.writer: ShardWriter | None = None
-        self.in_shard = 0
-        self.records = []
-        self.written_paths: list[Path] = []
-
-    def write(self, jets: JetArrays) -> None:
-        done = 0
-        while done < len(jets):
-            if self.writer is None:
-                self.writer = ShardWriter(
-                    self.root,
-                    f"{self.split}/shard-{self.index:06d}.tar",
-                    self.manifest.particle_features,
-                    self.manifest.jet_features,
-                    len(self.manifest.classes),
-                    self.manifest.chunk_size,
-                )
-                self.written_paths.append(self.writer.path)
-                self.index += 1
-                self.in_shard = 0
-            take = min(len(jets) - done, self.jets_per_shard - self.in_shard)
-            piece = jets if (done == 0 and take == len(jets)) else jets.select(np.arange(done, done + take))
-            self.writer.write(piece)
-            self.in_shard += take
-            done += take
-            if self.in_shard >= self.jets_per_shard:
-                self._close_shard()
-
-    def _close_shard(self) -> None:
-        self.records.append(self.writer.close())
-        self.writer = None
-
-    def finish(self) -> None:
-        if self.writer is not None:
-            self._close_shard()
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
-            self.writer = None
-        for path in self.written_paths:
-            path.unlink(missing_ok=True)
-
-
 def _next_shard_index(manifest: Manifest | None, split: str) -> int:
     if manifest is None:
         return 0
@@ -675,7 +625,8 @@ def _convert(
 
     assigner = SplitAssigner(split, fractions, seed)
     outputs = [
-        _SplitOutput(out_dir, name, _next_shard_index(existing, name), manifest, jets_per_shard)
+        ShardSetWriter(out_dir, name, manifest, jets_per_shard=jets_per_shard,
+                       first_index=_next_shard_index(existing, name))
         for name in assigner.names
     ]
     # Seeded file order, then round-robin over a window of `interleave` open files.

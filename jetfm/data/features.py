@@ -12,6 +12,7 @@ The jet axis is the summed four-vector of the stored constituents, so a model's 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,24 +82,51 @@ def particle_features(
     return out
 
 
-def signed_log(x: np.ndarray) -> np.ndarray:
-    return np.sign(x) * np.log1p(np.abs(x))
+def _is_torch(x) -> bool:
+    return type(x).__module__.startswith("torch")
 
 
-def signed_exp(y: np.ndarray) -> np.ndarray:
-    return np.sign(y) * np.expm1(np.abs(y))
+def signed_log(x):
+    """sign(x)·log1p(|x|), for numpy arrays and torch tensors alike."""
+    xp = _array_module(x)
+    return xp.sign(x) * xp.log1p(xp.abs(x))
+
+
+def signed_exp(y):
+    """The inverse of signed_log: sign(y)·expm1(|y|)."""
+    xp = _array_module(y)
+    return xp.sign(y) * xp.expm1(xp.abs(y))
+
+
+def _array_module(x):
+    if _is_torch(x):
+        import torch
+
+        return torch
+    return np
+
+
+def _log(x):
+    return np.log(np.maximum(x, 1e-30)) if not _is_torch(x) else _array_module(x).log(x.clamp(min=1e-30))
+
+
+def _exp(y):
+    return _array_module(y).exp(y)
 
 
 _FUNCTIONS = {
     "none": (lambda x: x, lambda y: y),
-    "log": (lambda x: np.log(np.maximum(x, 1e-30)), np.exp),
+    "log": (_log, _exp),
     "signed_log": (signed_log, signed_exp),
 }
 
 
 @dataclass
 class FeatureTransform:
-    """y = (f(x) - subtract) * multiply, f in {none, log, signed_log}. Invertible by design."""
+    """y = (f(x) - subtract) * multiply, f in {none, log, signed_log}. Invertible by design.
+
+    forward/inverse take numpy arrays or torch tensors (the loader runs them in numpy, generation
+    in torch on the model's device): one implementation for both."""
 
     function: str = "none"
     """Elementwise function applied first: none, log or signed_log (sign(x)·log1p(|x|))."""
@@ -113,11 +141,41 @@ class FeatureTransform:
         if self.multiply == 0:
             raise ValueError("transform multiply must be non-zero (the transform has to invert)")
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x):
         return (_FUNCTIONS[self.function][0](x) - self.subtract) * self.multiply
 
-    def inverse(self, y: np.ndarray) -> np.ndarray:
+    def inverse(self, y):
         return _FUNCTIONS[self.function][1](y / self.multiply + self.subtract)
+
+    def same_as(self, other: "FeatureTransform") -> bool:
+        """The one definition of transform equality: same function, constants equal to float precision."""
+        return self.function == other.function and all(
+            math.isclose(float(getattr(self, k)), float(getattr(other, k)), rel_tol=1e-9, abs_tol=1e-12)
+            for k in ("subtract", "multiply"))
+
+
+def feature_spec(features) -> dict[str, dict]:
+    """Normalise a feature description (config dict, {name: FeatureTransform}, Preprocessing or None
+    = the reference features) to {name: {"function", "subtract", "multiply"}} with plain floats,
+    validating every entry."""
+    if features is None:
+        features = reference_features()
+    if isinstance(features, Preprocessing):
+        features = features.features
+    out = {}
+    for name, transform in dict(features).items():
+        if not isinstance(transform, FeatureTransform):
+            transform = FeatureTransform(**dict(transform or {}))
+        out[name] = {"function": transform.function, "subtract": float(transform.subtract),
+                     "multiply": float(transform.multiply)}
+    return out
+
+
+def same_features(a, b) -> bool:
+    """Whether two feature descriptions (anything feature_spec takes) name the same features, in
+    the same order, with the same transforms."""
+    a, b = feature_spec(a), feature_spec(b)
+    return list(a) == list(b) and all(FeatureTransform(**a[n]).same_as(FeatureTransform(**b[n])) for n in a)
 
 
 def reference_features() -> dict[str, FeatureTransform]:

@@ -13,19 +13,17 @@ and a rerun can skip them (`Manifest.completed_shards`).
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
-import shutil
 import sys
 import tarfile
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..artifacts.atomic import atomic_write_text
 from .features import particle_features
 from .format import (
     JET_FEATURES,
@@ -41,39 +39,6 @@ from .format import (
 #: Features whose running statistics every manifest records (raw physical units).
 STAT_PARTICLE_FEATURES = ("part_pt", "part_etarel", "part_phirel", "part_energy")
 SPLITS = ("train", "val", "test")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write-then-rename with fsync: the file is either the old or the new version, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def atomic_directory(directory: Path):
-    """Yield a fresh temporary directory beside `directory`; on success it replaces `directory`
-    whole (the old one is moved aside, then removed), on any error it is deleted. Readers see
-    the old or the new directory, never a half-written one."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        yield tmp
-        old = None
-        if directory.exists():
-            old = directory.with_name(directory.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @dataclass
@@ -186,6 +151,69 @@ class ShardWriter:
         except Exception:
             pass
         self.tmp_path.unlink(missing_ok=True)
+
+
+class ShardSetWriter:
+    """Rolls a stream of jets into one split's shards of `jets_per_shard` jets each, numbered
+    `<split>/shard-NNNNNN.tar` from `first_index`: the one way convert, generation and the sweep's
+    training subsets write shard sets.
+
+    save_each=True adds every finished shard to `manifest` and saves the manifest in `root` right
+    away (a long job that is interrupted leaves whole, listed shards); save_each=False leaves the
+    manifest alone and `records` to the caller, who lists them when the whole job succeeded (and
+    `abort` removes every shard this writer made).
+    """
+
+    def __init__(self, root: Path, split: str, manifest: "Manifest", *, jets_per_shard: int,
+                 first_index: int = 0, save_each: bool = False):
+        if jets_per_shard < 1:
+            raise ValueError(f"jets_per_shard must be >= 1, got {jets_per_shard}")
+        self.root, self.split, self.manifest = Path(root), split, manifest
+        self.jets_per_shard, self.index, self.save_each = jets_per_shard, first_index, save_each
+        self.writer: ShardWriter | None = None
+        self.in_shard = 0
+        self.records: list[ShardRecord] = []
+        self.written_paths: list[Path] = []
+
+    def write(self, jets: JetArrays) -> None:
+        done = 0
+        while done < len(jets):
+            if self.writer is None:
+                self.writer = ShardWriter(self.root, f"{self.split}/shard-{self.index:06d}.tar",
+                                          self.manifest.particle_features, self.manifest.jet_features,
+                                          len(self.manifest.classes), self.manifest.chunk_size)
+                self.written_paths.append(self.writer.path)
+                self.index += 1
+                self.in_shard = 0
+            take = min(len(jets) - done, self.jets_per_shard - self.in_shard)
+            self.writer.write(jets if (done == 0 and take == len(jets)) else jets.select(np.arange(done, done + take)))
+            self.in_shard += take
+            done += take
+            if self.in_shard >= self.jets_per_shard:
+                self._close_shard()
+
+    def _close_shard(self) -> None:
+        record = self.writer.close()
+        self.writer = None
+        self.records.append(record)
+        if self.save_each:
+            self.manifest.add_shard(self.split, record)
+            self.manifest.save(self.root)
+
+    def finish(self) -> list[ShardRecord]:
+        """Close the last (partly filled) shard; the records of every shard written."""
+        if self.writer is not None:
+            self._close_shard()
+        return self.records
+
+    def abort(self) -> None:
+        """Drop the shard being written; without save_each also every finished one."""
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+        if not self.save_each:
+            for path in self.written_paths:
+                path.unlink(missing_ok=True)
 
 
 @dataclass

@@ -57,7 +57,8 @@ from ..data.features import particle_features
 from ..data.format import JetArrays
 from ..data.reader import iterate_jets
 from ..data.shards import Manifest
-from ..generate import GENERATED_SPLIT, RELATIVE_FEATURES, find_run_record, jet_frame_jets
+from ..artifacts.runs import find_run_record, log_to_run, open_run, recorded_step
+from ..data.jetframe import GENERATED_SPLIT, RELATIVE_FEATURES, jet_frame_jets
 from ..metrics import compare_samples, format_table, fpd, jet_observables, kpd, particle_observables, plot_distributions
 
 PARTICLE_NAMES = ("part_ptrel", "part_etarel", "part_phirel")
@@ -321,14 +322,6 @@ def _json_default(value):
 
 
 # --------------------------------------------------------------------------- MLflow
-def _training_step(run: dict) -> int:
-    try:
-        record = json.loads(Path(run["record"]).read_text())
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
-    return int(record.get("step") or record.get("steps") or 0)
-
-
 def _log_to_mlflow(result: dict, out_dir: Path, manifest: Manifest, generated_dir: Path, *,
                    tracking_uri: str | None, say) -> dict | None:
     """Log metrics + files to the checkpoint's MLflow run (or a new run pointing at it). Never raises."""
@@ -343,35 +336,15 @@ def _log_to_mlflow(result: dict, out_dir: Path, manifest: Manifest, generated_di
         say("jetfm: no MLflow run to log to (no checkpoint run record; tracking off in its config): skipped")
         return None
     try:
-        from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=run["uri"])
-        run_id = run.get("run_id")
-        if run_id:
-            try:
-                client.get_run(run_id)
-            except Exception:  # noqa: BLE001 - the recorded run is gone: make a new one below
-                run_id = None
-        new_run = run_id is None
-        if new_run:
-            experiment_name = source.get("experiment") or "jetfm"
-            experiment = client.get_experiment_by_name(experiment_name)
-            experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
-            tags = {"jetfm.kind": "generative_eval", "jetfm.checkpoint": str(checkpoint), "jetfm.generated": str(generated_dir)}
-            run_id = client.create_run(experiment_id, run_name=f"{source.get('name') or 'jetfm'}-generative-eval",
-                                       tags=tags).info.run_id
-        step = _training_step(run) if not new_run else 0
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for k, v in flat_metrics(result).items()]
-        for i in range(0, len(metrics), 1000):
-            client.log_batch(run_id, metrics=metrics[i:i + 1000], synchronous=True)
+        tags = {"jetfm.kind": "generative_eval", "jetfm.checkpoint": str(checkpoint), "jetfm.generated": str(generated_dir)}
+        run_id, new_run = open_run(run["uri"], run.get("run_id"), experiment=source.get("experiment") or "jetfm",
+                                   run_name=f"{source.get('name') or 'jetfm'}-generative-eval", tags=tags)
+        step = recorded_step(run) if not new_run else 0
         name = generated_dir.resolve().name
-        client.set_tag(run_id, f"jetfm.generative_eval.{name}", str(out_dir.resolve()))
-        client.log_artifacts(run_id, str(out_dir), artifact_path=f"generative_eval/{name}")
-        if new_run:
-            client.set_terminated(run_id)
-        say(f"jetfm: logged {len(metrics)} metrics and {out_dir} to MLflow run {run_id} at {run['uri']}"
+        n_metrics = log_to_run(run["uri"], run_id, flat_metrics(result), step=step,
+                               tags={f"jetfm.generative_eval.{name}": str(out_dir.resolve())},
+                               artifacts=[(out_dir, f"generative_eval/{name}")], terminate=new_run)
+        say(f"jetfm: logged {n_metrics} metrics and {out_dir} to MLflow run {run_id} at {run['uri']}"
             + (" (new run)" if new_run else ""))
         return {"uri": run["uri"], "run_id": run_id, "new_run": new_run, "step": step}
     except Exception as error:  # noqa: BLE001 - tracking never fails an evaluation

@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -114,28 +113,11 @@ def _json_safe(value):
 
 
 def find_mlflow_run(checkpoint: Path) -> tuple[str | None, str | None]:
-    """(tracking uri, run id) of the run that wrote `checkpoint` (<run>/summary.json, else the
-    newest checkpoints/step-*/trainer_state.json), or (None, None)."""
-    run_dir = Path(checkpoint).resolve().parent
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        try:
-            mlflow = json.loads(summary.read_text()).get("mlflow") or {}
-            if mlflow.get("run_id"):
-                return mlflow.get("uri"), mlflow["run_id"]
-        except (OSError, json.JSONDecodeError):
-            pass
-    from jetfm.checkpoint import latest_checkpoint, read_trainer_state
+    """(tracking uri, run id) of the run that wrote `checkpoint` (jetfm.artifacts.runs), or (None, None)."""
+    from jetfm.artifacts.runs import find_run_record
 
-    latest = latest_checkpoint(run_dir / "checkpoints")
-    if latest is not None:
-        try:
-            state = read_trainer_state(latest)
-            if state.get("mlflow_run_id"):
-                return state.get("mlflow_uri"), state["mlflow_run_id"]
-        except Exception:  # noqa: BLE001
-            pass
-    return None, None
+    record = find_run_record(Path(checkpoint).resolve()) or {}
+    return record.get("uri"), record.get("run_id")
 
 
 def _class_index(name, classes: list[str], what: str) -> int:
@@ -187,12 +169,8 @@ def format_headline(h: dict) -> str:
 
 
 def _log_to_mlflow(uri: str, run_id: str, split: str, tag: str, h: dict, report: dict, files: list[Path]) -> str:
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
+    from jetfm.artifacts.runs import log_to_run
 
-    from jetfm.tracking import sanitize_key
-
-    now = int(time.time() * 1000)
     values = {f"{split}/accuracy": h["accuracy"], f"{split}/auc": h["auc"]}
     for eff in EFFICIENCIES:
         key = f"rejection@{eff}"
@@ -203,12 +181,7 @@ def _log_to_mlflow(uri: str, run_id: str, split: str, tag: str, h: dict, report:
     for name, row in report["classes"].items():
         for key in ("recall", "precision", "auc_ovr"):
             values[f"{split}/{name}/{key}"] = row[key]
-    metrics = [Metric(sanitize_key(k), float(v), now, 0) for k, v in values.items()
-               if v is not None and math.isfinite(float(v))]
-    client = MlflowClient(tracking_uri=uri)
-    client.log_batch(run_id, metrics=metrics, synchronous=True)
-    for path in files:
-        client.log_artifact(run_id, str(path), f"eval/{tag}")
+    log_to_run(uri, run_id, values, artifacts=[(path, f"eval/{tag}") for path in files])
     return run_id
 
 

@@ -32,8 +32,6 @@ D backbone width, E head width, H heads, K head dim, C classes.
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -42,18 +40,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from jetfm.config import Config, ConfigError, config_from_dict, load_yaml
+from jetfm.artifacts.exports import (  # noqa: F401 - export_classifier: the stage's exporter, by its old name
+    CLASSIFIER_FORMAT as FORMAT,
+    checkpoint_vocab,
+    export_classifier,
+    read_classifier,
+    read_pretrain,
+)
+from jetfm.config import Config, ConfigError
 from jetfm.data.batch import JetBatch
+from jetfm.data.features import same_features
 from jetfm.data.format import DataError
-from jetfm.data.shards import atomic_directory
 from jetfm.models.attention import AttentionBackend, Packing, padded_sdpa
 from jetfm.models.backbone import Backbone, init_weights
 from jetfm.models.config import ModelConfig
-
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.yaml"
-META_FILE = "classifier.json"
-FORMAT = "jetfm-classifier"
 
 #: model: keys that define the backbone's weights (dropout and attention kernel may differ freely)
 BACKBONE_KEYS = ("dim", "num_heads", "num_blocks", "mlp_ratio", "input_mode", "num_features", "conditioning",
@@ -244,18 +244,8 @@ class FinetuneModel(nn.Module):
 # --------------------------------------------------------------------------- checkpoints
 def read_pretrained(path) -> tuple[dict, dict[str, torch.Tensor], Path]:
     """(config dict, state dict, directory) of a pre-training export (out_dir/final or out_dir)."""
-    from safetensors.torch import load_file
-
-    directory = Path(path)
-    if not (directory / WEIGHTS_FILE).exists() and (directory / "final" / WEIGHTS_FILE).exists():
-        directory = directory / "final"  # a run directory
-    for name in (WEIGHTS_FILE, CONFIG_FILE):
-        if not (directory / name).is_file():
-            raise ConfigError(f"finetune.pretrained={path}: no {name} there; expected a pre-training run's out_dir/final")
-    saved = load_yaml(directory / CONFIG_FILE)
-    if saved.get("stage") != "pretrain":
-        raise ConfigError(f"finetune.pretrained={path}: a {saved.get('stage')!r} checkpoint, expected stage 'pretrain'")
-    return saved, load_file(str(directory / WEIGHTS_FILE), device="cpu"), directory
+    export = read_pretrain(path, where=f"finetune.pretrained={path}")
+    return export.saved, export.state, export.directory
 
 
 def resolve_backbone(model_cfg: ModelConfig, saved_model: dict, where: str) -> tuple[ModelConfig, list[str]]:
@@ -288,29 +278,12 @@ def _feature_spec(features: dict) -> dict:
     return preprocessing_spec(features)
 
 
-def _same_features(a: dict, b: dict) -> bool:
-    a, b = _feature_spec(a), _feature_spec(b)
-    return list(a) == list(b) and all(
-        a[n]["function"] == b[n]["function"]
-        and all(math.isclose(a[n][k], b[n][k], rel_tol=1e-9, abs_tol=1e-12) for k in ("subtract", "multiply"))
-        for n in a
-    )
-
-
-def checkpoint_vocab(state: dict[str, torch.Tensor]) -> int | None:
-    """The vocabulary a pre-training state dict was built for (token embedding or a head's output)."""
-    for key in ("backbone.token_emb.weight", "ntp.head.out.weight", "mpm.head.out.weight"):
-        if key in state:
-            return int(state[key].shape[0])
-    return None
-
-
 def check_pretrained_inputs(cfg: Config, saved: dict, state: dict, manifest, where: str, data_where: str) -> None:
     """The checkpoint's inputs must be the fine-tuning data's: features (continuous) or vocabulary (token)."""
     saved_data = saved.get("data") or {}
     if cfg.model.input_mode == "continuous":
         theirs = saved_data.get("features") or {}
-        if theirs and not _same_features(theirs, cfg.data.features):
+        if theirs and not same_features(theirs, cfg.data.features):
             raise ConfigError(
                 f"input features differ:\n  pre-trained {where}: {_feature_spec(theirs)}\n"
                 f"  fine-tuning data.features: {_feature_spec(cfg.data.features)}\n"
@@ -397,38 +370,12 @@ def build_finetune_model(cfg: Config, manifest) -> FinetuneModel:
     return model
 
 
-def export_classifier(model: FinetuneModel, directory) -> Path:
-    """Write DIR/model.safetensors, DIR/config.yaml (the run's resolved config) and DIR/classifier.json
-    (classes, inputs, vocabulary) atomically: the stage's exporter (out_dir/final, out_dir/best)."""
-    from safetensors.torch import save_file
-
-    model = getattr(model, "module", model)
-    directory = Path(directory)
-    with atomic_directory(directory) as tmp:
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
-        (tmp / CONFIG_FILE).write_text(model.run_config.to_yaml())
-        (tmp / META_FILE).write_text(json.dumps(dict(model.meta, classes=model.classes), indent=1) + "\n")
-    return directory
-
-
 def load_classifier(directory, *, device="cpu") -> tuple[FinetuneModel, Config, dict]:
-    """(model in eval mode, its resolved Config, classifier.json) of an exported classifier.
-    Weights load with safetensors (no code runs); the pre-training checkpoint is not needed."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    for name in (WEIGHTS_FILE, CONFIG_FILE, META_FILE):
-        if not (directory / name).is_file():
-            raise ConfigError(f"{directory}: no {name}; expected a fine-tuning run's out_dir/final or out_dir/best")
-    meta = json.loads((directory / META_FILE).read_text())
-    if meta.get("format") != FORMAT:
-        raise ConfigError(f"{directory / META_FILE}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    cfg = config_from_dict(load_yaml(directory / CONFIG_FILE))
-    if cfg.stage != "finetune":
-        raise ConfigError(f"{directory}: a {cfg.stage!r} checkpoint, expected stage 'finetune'")
+    """(model in eval mode, its resolved Config, classifier.json) of an exported classifier
+    (jetfm.artifacts.exports.export_classifier). The pre-training checkpoint is not needed."""
+    cfg, state, meta = read_classifier(directory)
     with torch.random.fork_rng(devices=[]):  # building draws random init weights: leave the caller's RNG alone
         model = FinetuneModel(cfg, classes=meta["classes"], vocab_size=int(meta.get("vocab_size") or 0),
                               num_features=meta.get("num_features"), meta=meta)
-    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device="cpu"))
+    model.load_state_dict(state)
     return model.to(device).eval(), cfg, meta

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -40,8 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.shards import atomic_directory
-from ..data.features import DERIVED_FEATURES, FeatureTransform, Preprocessing, reference_features
+from ..artifacts.atomic import atomic_directory
+from ..data.features import (
+    DERIVED_FEATURES,
+    FeatureTransform,
+    Preprocessing,
+    feature_spec,
+    same_features,
+)
 from .codebook import Codebook, CodebookCollapseError, code_statistics, collapse_message, nearest_codes
 from .config import TokenizerConfig
 
@@ -460,17 +465,8 @@ class ParticleTokenizer(nn.Module):
 # ---------------------------------------------------------------------- features
 def preprocessing_spec(features) -> dict[str, dict]:
     """Normalise a feature description (config dict, FeatureTransform dict, Preprocessing or None)
-    to {name: {"function", "subtract", "multiply"}} with plain floats."""
-    if features is None:
-        features = reference_features()
-    if isinstance(features, Preprocessing):
-        features = features.features
-    out = {}
-    for name, transform in dict(features).items():
-        if isinstance(transform, FeatureTransform):
-            transform = asdict(transform)
-        transform = FeatureTransform(**dict(transform or {}))  # validates keys and values
-        out[name] = {"function": transform.function, "subtract": float(transform.subtract), "multiply": float(transform.multiply)}
+    to {name: {"function", "subtract", "multiply"}} with plain floats (data.features.feature_spec)."""
+    out = feature_spec(features)
     if not out:
         raise ValueError("tokenizer needs at least one particle feature")
     return out
@@ -479,13 +475,7 @@ def preprocessing_spec(features) -> dict[str, dict]:
 def check_features_match(tokenizer_spec, other_spec, tokenizer_where: str, other_where: str) -> None:
     """Raise TokenizerMismatchError naming both sides unless names, order and transforms agree."""
     mine, theirs = preprocessing_spec(tokenizer_spec), preprocessing_spec(other_spec)
-
-    def same(a, b):
-        return a["function"] == b["function"] and all(
-            math.isclose(a[k], b[k], rel_tol=1e-9, abs_tol=1e-12) for k in ("subtract", "multiply")
-        )
-
-    if list(mine) != list(theirs) or not all(same(mine[n], theirs[n]) for n in mine):
+    if not same_features(mine, theirs):
         raise TokenizerMismatchError(
             f"tokenizer features/preprocessing do not match:\n  {tokenizer_where}: {mine}\n  {other_where}: {theirs}\n"
             "Use the data.features the tokenizer was trained with, or train/choose a matching tokenizer."
