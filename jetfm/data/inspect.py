@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import messages
 from .format import UNITS, DataError, JetArrays
 from .shards import SPLITS, Manifest
 
@@ -276,9 +277,9 @@ def inspect_dataset(directory, out_dir=None, splits=None, *, max_jets: int = 200
     (out_dir / "summary.txt").write_text(text + "\n")
     (out_dir / "summary.json").write_text(json.dumps(info, indent=1, default=str))
     if echo:
-        print(text)
+        messages.output(text)
         if figures:
-            print(f"\nFigures: {', '.join(figures)}")
+            messages.output(f"\nFigures: {', '.join(figures)}")
     return info
 
 
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_inspect(parser.parse_args(argv))
     except DataError as error:
-        print(f"jetfm data inspect: error: {error}")
+        messages.error(str(error))
         return 2
 
 
