@@ -48,14 +48,18 @@ from pathlib import Path
 import numpy as np
 
 from .. import messages
-from .format import JET_FEATURES, KINEMATIC_FEATURES, PID_FEATURES, DataError, JetArrays
+from .format import (
+    JET_FEATURES,
+    JETCLASS_CLASSES,
+    KINEMATIC_FEATURES,
+    PID_FEATURES,
+    TOPTAG_CLASSES,
+    DataError,
+    JetArrays,
+)
 from .physics import jets_from_constituents
 from .shards import Manifest, ShardWriter, creation_info
 
-#: JetClass classes in label order; branch label_X -> class X.
-JETCLASS_CLASSES = ("QCD", "Hbb", "Hcc", "Hgg", "H4q", "Hqql", "Zqq", "Wqq", "Tbqq", "Tbl")
-#: Top-tagging classes: is_signal_new = 0 (QCD) or 1 (top).
-TOPTAG_CLASSES = ("QCD", "Tbqq")
 #: Optional JetClass impact-parameter branches, stored after the PID features when present.
 IMPACT_FEATURES = ("part_d0val", "part_d0err", "part_dzval", "part_dzerr")
 #: JetClass jet branches read into JET_FEATURES (jet_mass is computed, not read).
