@@ -192,7 +192,9 @@ def plot_observables(samples: dict[str, JetArrays], manifest: Manifest, totals: 
         for split, jets in samples.items():
             sampled = "" if len(jets) >= totals[split] else f", sample of {len(jets):,}"
             panels[split] = (jets.jet[:, column], jets.label, f"{split}: {totals[split]:,} jets{sampled}")
-        marker = (manifest.max_particles, f"stored up to {manifest.max_particles}") if feature == "jet_nparticles" else None
+        marker = None
+        if feature == "jet_nparticles":
+            marker = (manifest.max_particles, f"stored up to {manifest.max_particles}")
         path = plot_class_histograms(panels, list(manifest.classes), bins, out_dir / f"{stem}.png", xlabel=xlabel,
                                      title=title, marker=marker)
         paths.append(str(path))
