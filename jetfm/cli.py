@@ -17,6 +17,7 @@ import argparse
 import importlib
 import sys
 
+from . import messages
 from .data.format import DataError
 
 # (module, add-arguments function, run function, one-line help)
@@ -101,10 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(run(args) or 0)
     except DataError as error:
-        print(f"jetfm: error: {error}", file=sys.stderr)
+        messages.error(str(error))
         return 2
     except KeyboardInterrupt:
-        print("jetfm: interrupted", file=sys.stderr)
+        messages.info("interrupted")
         return 130
 
 

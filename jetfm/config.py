@@ -29,11 +29,14 @@ from typing import Any, Literal
 
 import yaml
 
+from jetfm.choices import check_choices, choice_error, is_choice
 from jetfm.finetune.config import FinetuneConfig
 from jetfm.models.config import ModelConfig, ObjectiveConfig
 from jetfm.tokenizer.config import TokenizerConfig
 
-STAGES = ("tokenizer", "pretrain", "finetune")
+#: The stages a config trains: the one list of their names (jetfm/stages.py maps each to its code).
+StageName = Literal["tokenizer", "pretrain", "finetune"]
+STAGES: tuple[str, ...] = typing.get_args(StageName)
 
 
 class ConfigError(ValueError):
@@ -84,6 +87,7 @@ class DataConfig:
     `reco` entries of tokenized shards (`reco`, the paper's pseudo-continuous inputs)."""
 
     def __post_init__(self):
+        check_choices(self, "data")
         for name in ("batch_size", "max_particles", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
@@ -135,6 +139,7 @@ class OptimConfig:
     """Clip the global gradient norm to this value (0 = no clipping; the norm is still logged)."""
 
     def __post_init__(self):
+        check_choices(self, "optim")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
@@ -193,6 +198,7 @@ class TrainConfig:
     """nan_policy=skip: consecutive skipped steps after which training stops anyway."""
 
     def __post_init__(self):
+        check_choices(self, "train")
         for name in ("max_steps", "grad_accum_steps", "log_every", "eval_batches", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -248,7 +254,7 @@ class TrackingConfig:
 
 @dataclass
 class Config:
-    stage: Literal["tokenizer", "pretrain", "finetune"] = "pretrain"
+    stage: StageName = "pretrain"
     """What is trained: the VQ-VAE `tokenizer`, the `pretrain` backbone + heads, or a `finetune` classifier."""
 
     name: str = "jetfm"
@@ -289,6 +295,7 @@ class Config:
     """MLflow tracking."""
 
     def __post_init__(self):
+        check_choices(self, "")
         if not self.name or "/" in self.name:
             raise ConfigError(f"name must be a non-empty string without '/', got {self.name!r}")
         if "{name}" in self.out_dir:
@@ -329,10 +336,6 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(config_to_dict(self), sort_keys=False, default_flow_style=False, width=100)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out_dir)
 
 
 def _check_finetune(cfg: "Config") -> None:
@@ -483,11 +486,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: may not be null; expected {_type_name(tp)}")
     if origin is Literal:
         allowed = typing.get_args(tp)
-        if value in allowed and type(value) is type(allowed[allowed.index(value)]):
+        if is_choice(value, allowed):
             return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.5)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{key}: must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}{hint}")
+        raise ConfigError(choice_error(key, allowed, value))
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -514,7 +515,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         for member in tp:
             if value == member.value or value == member.name or value is member:
                 return member
-        raise ConfigError(f"{key}: must be one of {[m.value for m in tp]}, got {value!r}")
+        raise ConfigError(choice_error(key, tuple(m.value for m in tp), value))
     if origin is list or tp is list:
         (item,) = typing.get_args(tp) or (Any,)
         if not isinstance(value, (list, tuple)):

@@ -30,7 +30,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -275,9 +274,3 @@ def launch_command(
     if cpu:
         env.setdefault("OMP_NUM_THREADS", "1")
     return launch + script, env
-
-
-def warn_once(message: str, _seen: set = set()) -> None:  # noqa: B006 - the set is the memory
-    if message not in _seen:
-        _seen.add(message)
-        warnings.warn(message, stacklevel=2)

@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch.nn as nn
 
+from jetfm.config import StageName
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -37,7 +39,9 @@ class Stage:
     out_dir/final (optional; else final/model.safetensors + final/config.yaml)."""
 
 
-STAGES: dict[str, Stage] = {
+#: The code of each stage, keyed by the names of `jetfm.config.StageName` (the one list of them;
+#: tests/test_config.py checks that every name has an entry here and nothing else does).
+STAGES: dict[StageName, Stage] = {
     "tokenizer": Stage("jetfm.tokenizer.model:build_tokenizer_model", "jetfm.tokenizer.evaluate:evaluate",
                        "jetfm.artifacts.exports:export_tokenizer"),
     "pretrain": Stage("jetfm.models.pretrain:build_pretrain_model", None),

@@ -164,3 +164,60 @@ def test_every_field_is_documented():
     assert keys["optim.lr"][1:3] == ("float", 1e-3)
     assert "Peak learning rate" in keys["optim.lr"][3]
     assert "tokenizer.codebook_size" in keys and "objective.mask_fraction" in keys
+
+
+# ------------------------------------------------------------------------ choices: one style
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model.attention=flsh", "model.attention: must be one of 'sdpa', 'flash', got 'flsh' (did you mean 'flash'?)"),
+        ("model.input_mode=tokens", "model.input_mode: must be one of 'continuous', 'token', got 'tokens'"),
+        ("model.conditioning=mass", "model.conditioning: must be one of 'none', 'multiplicity', 'class', got 'mass'"),
+        ("objective.name=jiont", "objective.name: must be one of 'ntp', 'mpm', 'joint', got 'jiont'"),
+        ("tokenizer.codebook_update=emma", "tokenizer.codebook_update: must be one of 'affine', 'ema', got 'emma'"),
+        ("tokenizer.codebook_init=kmean", "tokenizer.codebook_init: must be one of 'sample', 'gaussian', 'kmeans'"),
+        ("tokenizer.on_collapse=ignore", "tokenizer.on_collapse: must be one of 'warn', 'raise', got 'ignore'"),
+        ("finetune.mode=ful", "finetune.mode: must be one of 'scratch', 'full', 'frozen', got 'ful'"),
+        ("optim.schedule=step", "optim.schedule: must be one of 'constant', 'cosine', 'linear', got 'step'"),
+        ("stage=sample", "stage: must be one of 'tokenizer', 'pretrain', 'finetune', got 'sample'"),
+    ],
+)
+def test_every_choice_names_the_key_and_the_allowed_values(tmp_path, override, expected):
+    assert expected in error_of(tmp_path, {"stage": "pretrain"}, [override])
+
+
+def test_choices_are_checked_when_sections_are_built_in_python():
+    from jetfm.finetune.config import FinetuneConfig
+    from jetfm.models.config import ModelConfig, ObjectiveConfig
+    from jetfm.tokenizer.config import TokenizerConfig
+
+    cases = [
+        (lambda: ModelConfig(attention="xformers"), "model.attention: must be one of 'sdpa', 'flash', got 'xformers'"),
+        (lambda: ObjectiveConfig(name="mlm"), "objective.name: must be one of 'ntp', 'mpm', 'joint', got 'mlm'"),
+        (lambda: TokenizerConfig(on_collapse="ignore"), "tokenizer.on_collapse: must be one of 'warn', 'raise'"),
+        (lambda: FinetuneConfig(select_metric="auc"), "finetune.select_metric: must be one of 'val_auc'"),
+        (lambda: TrainConfig(precision="fp8"), "train.precision: must be one of 'fp32', 'bf16', 'fp16', got 'fp8'"),
+        (lambda: DataConfig(inputs="tokens"), "data.inputs: must be one of 'raw', 'reco', got 'tokens'"),
+        (lambda: Config(stage="generate"), "stage: must be one of 'tokenizer', 'pretrain', 'finetune'"),
+    ]
+    for build, expected in cases:
+        with pytest.raises(ValueError) as info:
+            build()
+        assert expected in str(info.value)
+    assert TrainConfig(precision="bf16").precision == "bf16"
+
+
+def test_lists_of_names_agree_with_the_literals():
+    import typing
+
+    from jetfm import stages
+    from jetfm.config import STAGES
+    from jetfm.finetune.config import SELECT_METRICS, FinetuneConfig
+    from jetfm.models.attention import AttentionBackend
+    from jetfm.models.config import ModelConfig
+
+    assert STAGES == ("tokenizer", "pretrain", "finetune")
+    assert tuple(stages.STAGES) == STAGES  # every stage has code, no code without a stage name
+    hints = typing.get_type_hints(ModelConfig)
+    assert typing.get_args(hints["attention"]) == tuple(backend.value for backend in AttentionBackend)
+    assert set(SELECT_METRICS) == set(typing.get_args(typing.get_type_hints(FinetuneConfig)["select_metric"]))

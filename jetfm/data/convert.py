@@ -47,14 +47,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import JET_FEATURES, KINEMATIC_FEATURES, PID_FEATURES, DataError, JetArrays
+from .. import messages
+from .format import (
+    JET_FEATURES,
+    JETCLASS_CLASSES,
+    KINEMATIC_FEATURES,
+    PID_FEATURES,
+    TOPTAG_CLASSES,
+    DataError,
+    JetArrays,
+)
 from .physics import jets_from_constituents
 from .shards import Manifest, ShardSetWriter, creation_info
 
-#: JetClass classes in label order; branch label_X -> class X.
-JETCLASS_CLASSES = ("QCD", "Hbb", "Hcc", "Hgg", "H4q", "Hqql", "Zqq", "Wqq", "Tbqq", "Tbl")
-#: Top-tagging classes: is_signal_new = 0 (QCD) or 1 (top).
-TOPTAG_CLASSES = ("QCD", "Tbqq")
 #: Optional JetClass impact-parameter branches, stored after the PID features when present.
 IMPACT_FEATURES = ("part_d0val", "part_d0err", "part_dzval", "part_dzerr")
 #: JetClass jet branches read into JET_FEATURES (jet_mass is computed, not read).
@@ -581,7 +586,7 @@ def _convert(
         jet_features = [n for n in schemas[0][1] if all(n in s[1] for s in schemas)]
         dropped = sorted({n for s in schemas for n in s[0] + s[1]} - set(particle_features + jet_features))
         if dropped:
-            print(f"warning: {dropped} are missing in some input files; not stored", file=sys.stderr)
+            messages.warn(f"{dropped} are missing in some input files; not stored")
         for source in sources:
             source.configure(particle_features, jet_features, max_particles)
     finally:
@@ -615,8 +620,7 @@ def _convert(
         if again:
             raise DataError(f"{where}: already holds jets converted from {again}; convert into a fresh --out")
         if existing.chunk_size != chunk_size:
-            print(f"note: appending with the existing chunk size {existing.chunk_size}, not {chunk_size}",
-                  file=sys.stderr)
+            messages.info(f"note: appending with the existing chunk size {existing.chunk_size}, not {chunk_size}")
         manifest = existing
         manifest.source["files"] = list(manifest.source.get("files", [])) + paths
         manifest.source.setdefault("conversions", [])
@@ -690,10 +694,9 @@ def _convert(
     rate = n_read / max(elapsed, 1e-9)
     if progress:
         n_shards = sum(len(o.records) for o in outputs)
-        print(
+        messages.info(
             f"converted {n_written:,} jets ({n_read - n_written:,} skipped) from {len(paths)} {kind} files "
-            f"into {n_shards} shards in {out_dir} ({rate:,.0f} jets/s)",
-            file=sys.stderr,
+            f"into {n_shards} shards in {out_dir} ({rate:,.0f} jets/s)"
         )
     return manifest
 
@@ -871,7 +874,7 @@ def run_convert(args: argparse.Namespace) -> int:
     except DataError:
         raise  # the jetfm command prints it and exits with 2
     except ValueError as error:  # inconsistent arguments
-        print(f"jetfm data convert: error: {error}", file=sys.stderr)
+        messages.error(str(error))
         return 2
     return 0
 
@@ -882,7 +885,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_convert(parser.parse_args(argv))
     except DataError as error:
-        print(f"jetfm data convert: error: {error}", file=sys.stderr)
+        messages.error(str(error))
         return 2
 
 

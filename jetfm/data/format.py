@@ -16,7 +16,7 @@ Entries are plain .npy read with allow_pickle=False: reading a shard never runs 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,6 +35,12 @@ PID_FEATURES = (
 )
 #: Jet features every shard stores first, in this order.
 JET_FEATURES = ("jet_pt", "jet_eta", "jet_phi", "jet_energy", "jet_mass", "jet_nparticles")
+
+#: JetClass class names in the JetClass label order (ROOT branch label_X -> class X); the
+#: converter and the generator's `jetclass` preset both label with it.
+JETCLASS_CLASSES = ("QCD", "Hbb", "Hcc", "Hgg", "H4q", "Hqql", "Zqq", "Wqq", "Tbqq", "Tbl")
+#: Top-tagging classes: background QCD, signal top (is_signal_new = 0 / 1), named as in JetClass.
+TOPTAG_CLASSES = ("QCD", "Tbqq")
 
 UNITS = {
     "part_px": "GeV", "part_py": "GeV", "part_pz": "GeV", "part_energy": "GeV",
@@ -219,10 +225,6 @@ def decode_chunk(entries: dict[str, bytes], where: str) -> JetArrays:
         raise DataError(f"{where}: entries {unknown} are not .npy (pickle and other decoders are refused)")
     arrays = {name[:-4]: load_npy(data, f"{where}/{name}") for name, data in entries.items()}
     return JetArrays(**{name: arrays.get(name) for name in ENTRY_NAMES})
-
-
-def with_tokens(jets: JetArrays, tokens: np.ndarray, reco: np.ndarray | None) -> JetArrays:
-    return replace(jets, tokens=tokens, reco=reco)
 
 
 @dataclass

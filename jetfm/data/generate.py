@@ -32,7 +32,6 @@ import multiprocessing
 import pickle
 import queue as queue_module
 import signal
-import sys
 import traceback
 import zlib
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from .. import messages
 from .format import JET_FEATURES, KINEMATIC_FEATURES, PID_FEATURES, DataError, JetArrays
 from .physics import delta_r, jets_from_constituents, pt_eta_phi
 from .presets import (
@@ -548,7 +548,7 @@ def _run_pool(tasks: list[UnitTask], workers: int, bar, finish: Callable[[dict],
                 remaining -= 1
             else:
                 error, where = payload
-                print(where, file=sys.stderr)
+                messages.error(f"in a generator worker:\n{where}")
                 raise error
     finally:
         todo.cancel_join_thread()  # unsent tasks must not block the exit after an interrupt
@@ -609,8 +609,8 @@ def run_generate(args: argparse.Namespace) -> int:
         if args.dry_run:
             settings = resolve_settings(args.preset, overrides)
             units = plan_units(counts, args.jets_per_shard)
-            print(json.dumps({"settings": settings.to_json(), "seed": args.seed, "jets_per_class": counts,
-                              "units": [u.relpath for u in units]}, indent=1))
+            messages.output(json.dumps({"settings": settings.to_json(), "seed": args.seed, "jets_per_class": counts,
+                                        "units": [u.relpath for u in units]}, indent=1))
             return 0
         manifest = generate_dataset(
             args.out, args.preset, counts, workers=args.workers, seed=args.seed,
@@ -618,14 +618,14 @@ def run_generate(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     except DataError as error:
-        print(f"jetfm data generate: error: {error}", file=sys.stderr)
+        messages.error(str(error))
         return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted; finished shards are kept — rerun the same command to continue {args.out}",
-              file=sys.stderr)
+        messages.info(f"interrupted; finished shards are kept — rerun the same command to continue {args.out}")
         return 130
-    print(f"wrote {args.out}/{Manifest.FILENAME}")
+    lines = [f"wrote {args.out}/{Manifest.FILENAME}"]
     for split in manifest.splits:
         per_class = dict(zip(manifest.classes, manifest.class_counts(split)))
-        print(f"  {split}: {manifest.n_jets(split)} jets {per_class} in {len(manifest.shards(split))} shards")
+        lines.append(f"  {split}: {manifest.n_jets(split)} jets {per_class} in {len(manifest.shards(split))} shards")
+    messages.output("\n".join(lines))
     return 0

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import messages
 from .format import UNITS, DataError, JetArrays
 from .shards import SPLITS, Manifest
 
@@ -31,27 +32,8 @@ OBSERVABLES = (
 
 # ----------------------------------------------------------------------------- reading a sample
 def _read_chunks(path: Path, manifest: Manifest):
-    """Chunks of one shard in file order (the shared reader when present, else plain tarfile)."""
-    try:
-        from .reader import read_shard_chunks
-    except ImportError:  # reader not installed: read the .npy entries ourselves, never unpickling
-        import tarfile
-
-        from .format import decode_chunk
-
-        def read_shard_chunks(path, manifest):
-            with tarfile.open(path, "r:") as tar:
-                entries, key = {}, None
-                for member in tar:
-                    name = member.name.rpartition("/")[2]
-                    this_key, _, entry = name.partition(".")
-                    if key is not None and this_key != key:
-                        yield decode_chunk(entries, f"{path}:{key}")
-                        entries = {}
-                    key = this_key
-                    entries[entry] = tar.extractfile(member).read()
-                if entries:
-                    yield decode_chunk(entries, f"{path}:{key}")
+    """Chunks of one shard in file order (imported here: the reader pulls in torch, a summary needs none)."""
+    from .reader import read_shard_chunks
 
     return read_shard_chunks(path, manifest)
 
@@ -198,50 +180,23 @@ def _bins(name: str, values: np.ndarray) -> np.ndarray:
 def plot_observables(samples: dict[str, JetArrays], manifest: Manifest, totals: dict[str, int], out_dir: Path,
                      title: str) -> list[str]:
     """One PNG per observable: a panel per split, a normalised step histogram per class."""
-    from matplotlib.figure import Figure
+    from ..metrics.plots import plot_class_histograms
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    colors = [f"C{k % 10}" for k in range(len(manifest.classes))]
-    styles = ["-", "--", ":", "-."]
     paths = []
     for feature, stem, xlabel in OBSERVABLES:
         if feature not in manifest.jet_features:
             continue
         column = manifest.jet_features.index(feature)
-        splits = list(samples)
-        fig = Figure(figsize=(5.2 * len(splits) + 0.6, 4.4), layout="constrained")
-        axes = fig.subplots(1, len(splits), squeeze=False)[0]
         bins = _bins(feature, np.concatenate([s.jet[:, column] for s in samples.values()]))
-        for ax, split in zip(axes, splits):
-            jets = samples[split]
-            values = jets.jet[:, column]
-            for k, name in enumerate(manifest.classes):
-                selected = values[jets.label == k]
-                if len(selected) == 0:
-                    continue
-                ax.hist(selected, bins=bins, weights=np.full(len(selected), 1.0 / len(selected)),
-                        histtype="step", linewidth=1.6, color=colors[k], linestyle=styles[(k // 10) % 4],
-                        label=name)
-            if feature == "jet_nparticles" and bins[0] < manifest.max_particles < bins[-1]:
-                ax.axvline(manifest.max_particles, color="0.4", linestyle=":", linewidth=1.2,
-                           label=f"stored up to {manifest.max_particles}")
+        panels = {}
+        for split, jets in samples.items():
             sampled = "" if len(jets) >= totals[split] else f", sample of {len(jets):,}"
-            ax.set_title(f"{split}: {totals[split]:,} jets{sampled}", fontsize=11)
-            ax.set_xlabel(xlabel, fontsize=12)
-            ax.set_ylabel("Fraction of jets per bin", fontsize=12)
-            ax.tick_params(labelsize=10)
-            ax.set_xlim(bins[0], bins[-1])
-            ax.grid(alpha=0.25)
-        # one legend for all panels, beside them, so no curve hides behind it
-        handles = {}
-        for ax in axes:
-            for handle, label in zip(*ax.get_legend_handles_labels()):
-                handles.setdefault(label, handle)
-        fig.legend(list(handles.values()), list(handles), loc="outside right center", fontsize=10, frameon=False,
-                   title="class", title_fontsize=10)
-        fig.suptitle(title, fontsize=12)
-        path = out_dir / f"{stem}.png"
-        fig.savefig(path, dpi=130)
+            panels[split] = (jets.jet[:, column], jets.label, f"{split}: {totals[split]:,} jets{sampled}")
+        marker = None
+        if feature == "jet_nparticles":
+            marker = (manifest.max_particles, f"stored up to {manifest.max_particles}")
+        path = plot_class_histograms(panels, list(manifest.classes), bins, out_dir / f"{stem}.png", xlabel=xlabel,
+                                     title=title, marker=marker)
         paths.append(str(path))
     return paths
 
@@ -278,9 +233,9 @@ def inspect_dataset(directory, out_dir=None, splits=None, *, max_jets: int = 200
     (out_dir / "summary.txt").write_text(text + "\n")
     (out_dir / "summary.json").write_text(json.dumps(info, indent=1, default=str))
     if echo:
-        print(text)
+        messages.output(text)
         if figures:
-            print(f"\nFigures: {', '.join(figures)}")
+            messages.output(f"\nFigures: {', '.join(figures)}")
     return info
 
 
@@ -309,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_inspect(parser.parse_args(argv))
     except DataError as error:
-        print(f"jetfm data inspect: error: {error}")
+        messages.error(str(error))
         return 2
 
 

@@ -22,12 +22,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from .format import DataError
+from .format import JETCLASS_CLASSES, TOPTAG_CLASSES, DataError
 
 #: |PDG id| of the resonances whose decay chains are followed when truth-matching.
 RESONANCES = (6, 23, 24, 25)
-#: JetClass class names in the JetClass label order (SCIENCE.md §1).
-JETCLASS_ORDER = ("QCD", "Hbb", "Hcc", "Hgg", "H4q", "Hqql", "Zqq", "Wqq", "Tbqq", "Tbl")
 
 
 @dataclass(frozen=True)
@@ -200,13 +198,13 @@ class GeneratorSettings:
 PRESETS: dict[str, GeneratorSettings] = {
     "toptag": GeneratorSettings(
         name="toptag",
-        classes=["QCD", "Tbqq"],
+        classes=list(TOPTAG_CLASSES),
         processes={"QCD": "dijet", "Tbqq": "ttbar_hadronic"},
         sqrt_s=14000.0, pt_min=550.0, pt_max=650.0, eta_max=2.0, mpi=False,
     ),
     "jetclass": GeneratorSettings(
         name="jetclass",
-        classes=list(JETCLASS_ORDER),
+        classes=list(JETCLASS_CLASSES),
         processes={
             "QCD": "znunu_jet", "Hbb": "h_bb", "Hcc": "h_cc", "Hgg": "h_gg", "H4q": "h_4q",
             "Hqql": "h_qqlv", "Zqq": "z_jet", "Wqq": "w_jet", "Tbqq": "ttbar_hadronic", "Tbl": "ttbar_leptonic",

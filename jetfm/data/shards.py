@@ -17,7 +17,6 @@ import datetime
 import json
 import os
 import sys
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -371,11 +370,3 @@ def creation_info() -> dict:
         "jetfm_version": __version__,
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def list_tar_members(path: Path) -> list[tarfile.TarInfo]:
-    try:
-        with tarfile.open(path, "r:") as tar:
-            return tar.getmembers()
-    except (tarfile.TarError, EOFError, OSError) as error:
-        raise DataError(f"{path}: not a readable tar ({error}); the shard is truncated or corrupt") from error

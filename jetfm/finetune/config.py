@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-MODES = ("scratch", "full", "frozen")
+from jetfm.choices import check_choices
+
 #: select_metric -> (key returned by jetfm.finetune.evaluate.evaluate, direction)
 SELECT_METRICS = {"val_auc": ("auc", "max"), "val_acc": ("acc", "max"), "val_loss": ("loss", "min")}
 
@@ -56,6 +57,7 @@ class FinetuneConfig:
     out_dir/final (needs train.eval_every > 0). AUC is macro one-vs-rest for > 2 classes."""
 
     def __post_init__(self):
+        check_choices(self, "finetune")
         if self.backbone_lr_scale <= 0:
             raise ValueError(f"finetune.backbone_lr_scale must be > 0, got {self.backbone_lr_scale}")
         for name in ("head_dim", "head_heads", "head_blocks"):

@@ -15,18 +15,15 @@ N-subjettiness (Thaler & Van Tilburg), beta = 1:
 Axes: exclusive kT axes — the jet reclustered with the kT algorithm (E-scheme recombination,
 R = 1000 so no pseudojet is ever merged with the beam) until exactly N pseudojets remain; no
 one-pass minimisation afterwards. This is FastJet's `exclusive_jets(N)` of
-`JetDefinition(kt_algorithm, 1000, E_scheme)` and the `KT_Axes` of the Nsubjettiness contrib;
-`backend="fastjet"` (the default when importable) runs FastJet's multi-event interface,
-`backend="numpy"` the same clustering vectorised across jets here (same axes up to exact
-ties; ~4x slower: tau_1..3 of 10k Pythia top/QCD jets with ~68 particles took 1.2-2.9 s with
-fastjet and 6-12 s with numpy on a busy 2-core CPU).
+`JetDefinition(kt_algorithm, 1000, E_scheme)` and the `KT_Axes` of the Nsubjettiness contrib,
+run through FastJet's multi-event interface (fastjet and awkward are dependencies of jetfm).
 dR is measured in (rapidity, phi), FastJet's convention; for massless particles rapidity = eta.
 
 Conventions: a jet with N or fewer particles has tau_N = 0 (every particle can be its own axis),
 and a ratio whose denominator is 0 is defined as 0 (so 1-particle jets have tau21 = 0 and
 2-particle jets tau32 = 0).
 
-Legend: T particles, B jets, P padded particles per jet in a clustering chunk.
+Legend: T particles, B jets, P padded particles per jet.
 """
 
 from __future__ import annotations
@@ -67,9 +64,6 @@ LABELS = {
     "part_phirel": r"Particle $\phi^\mathrm{rel}$ [rad]",
 }
 
-# Bytes of float64 pair-distance matrix one clustering chunk may hold (B * P * P * 8).
-_CHUNK_BYTES = 32 * 2**20
-
 
 def four_momenta(jets) -> tuple[np.ndarray, np.ndarray]:
     """(p4 (T, 4) float64 px, py, pz, E; offsets (B + 1,) int64) from JetArrays or a (p4, offsets) pair."""
@@ -93,12 +87,12 @@ def particle_observables(jets) -> dict[str, np.ndarray]:
     return {name: values[:, j].astype(np.float64) for j, name in enumerate(PARTICLE_OBSERVABLES)}
 
 
-def jet_observables(jets, *, backend: str = "auto") -> dict[str, np.ndarray]:
+def jet_observables(jets) -> dict[str, np.ndarray]:
     """Jet kinematics of the summed constituents plus N-subjettiness (B,) — see module docstring."""
     p4, offsets = four_momenta(jets)
     summed = jets_from_constituents(p4, offsets)
     out = {name: summed[name] for name in ("jet_pt", "jet_eta", "jet_phi", "jet_mass", "jet_nparticles")}
-    tau = nsubjettiness(p4, offsets, n_max=3, backend=backend)
+    tau = nsubjettiness(p4, offsets, n_max=3)
     for n in (1, 2, 3):
         out[f"jet_tau{n}"] = tau[:, n - 1]
     out["jet_tau21"] = safe_ratio(tau[:, 1], tau[:, 0])
@@ -147,14 +141,8 @@ def rapidity_phi(p4: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rap, np.arctan2(py, px)
 
 
-def nsubjettiness(
-    p4: np.ndarray, offsets: np.ndarray, n_max: int = 3, *, r0: float = R0, backend: str = "auto"
-) -> np.ndarray:
-    """tau_1..tau_{n_max} (B, n_max) with exclusive-kT axes and beta = 1 (module docstring).
-
-    backend: "fastjet" (FastJet's C++ clustering, ~4x faster), "numpy" (no dependency) or
-    "auto" (fastjet when importable). Both give the same axes.
-    """
+def nsubjettiness(p4: np.ndarray, offsets: np.ndarray, n_max: int = 3, *, r0: float = R0) -> np.ndarray:
+    """tau_1..tau_{n_max} (B, n_max) with exclusive-kT axes and beta = 1 (module docstring)."""
     p4 = np.asarray(p4, np.float64)[:, :4]
     offsets = np.asarray(offsets, np.int64)
     counts = np.diff(offsets)
@@ -162,14 +150,7 @@ def nsubjettiness(
     tau = np.zeros((n_jets, n_max))
     if n_jets == 0 or len(p4) == 0:
         return tau
-    if backend == "auto":
-        backend = "fastjet" if _have_fastjet() else "numpy"
-    if backend == "numpy":
-        axes = exclusive_kt_axes(p4, offsets, range(1, n_max + 1))
-    elif backend == "fastjet":
-        axes = exclusive_kt_axes_fastjet(p4, offsets, range(1, n_max + 1))
-    else:
-        raise ValueError(f"nsubjettiness backend {backend!r} unknown; expected 'numpy' or 'fastjet'")
+    axes = exclusive_kt_axes(p4, offsets, range(1, n_max + 1))
 
     pt = np.hypot(p4[:, 0], p4[:, 1])
     rap, phi = rapidity_phi(p4)
@@ -187,41 +168,6 @@ def nsubjettiness(
     return tau
 
 
-def _have_fastjet() -> bool:
-    try:
-        import awkward  # noqa: F401
-        import fastjet  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def exclusive_kt_axes(p4: np.ndarray, offsets: np.ndarray, ns: Iterable[int]) -> dict[int, np.ndarray]:
-    """Exclusive-kT axes {N: (B, N, 4)}; rows of jets with <= N particles are their particles, zero padded.
-
-    Clustering with d_ij = min(pT_i^2, pT_j^2) dR_ij^2 and E-scheme merging, vectorised over
-    chunks of jets of similar multiplicity, with a nearest-neighbour table per particle so one
-    merge step costs O(B P) instead of O(B P^2).
-    """
-    ns = sorted(set(int(n) for n in ns))
-    if ns[0] < 1:
-        raise ValueError(f"numbers of axes must be >= 1, got {ns}")
-    counts = np.diff(offsets)
-    n_jets = len(counts)
-    axes = {n: np.zeros((n_jets, n, 4)) for n in ns}
-    # largest jets first: the first jet of a chunk sets its padding P, and so its size
-    order = np.argsort(-counts, kind="stable")
-    start = 0
-    while start < n_jets:
-        p_pad = max(int(counts[order[start]]), 1)
-        jets = order[start : start + max(1, _CHUNK_BYTES // (8 * p_pad * p_pad))]
-        mom_BP4, alive_BP = _padded(p4, offsets, jets, p_pad)
-        for n, chunk_axes in _cluster_chunk(mom_BP4, alive_BP, ns).items():
-            axes[n][jets] = chunk_axes
-        start += len(jets)
-    return axes
-
-
 def _padded(p4, offsets, jets, p_pad):
     counts = offsets[jets + 1] - offsets[jets]
     mom = np.zeros((len(jets), p_pad, 4))
@@ -231,121 +177,13 @@ def _padded(p4, offsets, jets, p_pad):
     return mom, alive
 
 
-def _pair_distance(pt2_a, rap_a, phi_a, alive_a, pt2_b, rap_b, phi_b, alive_b):
-    """kT distance min(pT_a^2, pT_b^2) * dR^2 (broadcast), inf unless both are alive.
-
-    The 1/R^2 factor is dropped: it does not change the ordering. |dphi| folded into [0, pi]
-    gives the same square as wrap_phi. In-place steps: this runs on (B, P, P) blocks.
-    """
-    dist = np.subtract(phi_a, phi_b)
-    np.abs(dist, out=dist)
-    other = np.subtract(2 * np.pi, dist)
-    np.minimum(dist, other, out=dist)
-    dist *= dist
-    np.subtract(rap_a, rap_b, out=other)
-    other *= other
-    dist += other
-    np.minimum(pt2_a, pt2_b, out=other)
-    dist *= other
-    np.copyto(dist, np.inf, where=~(alive_a & alive_b))
-    return dist
-
-
-def _cluster_chunk(mom_BP4: np.ndarray, alive_BP: np.ndarray, ns: list[int]) -> dict[int, np.ndarray]:
-    """Cluster a padded chunk down to min(ns) pseudojets, snapshotting the axes at every n in ns.
-
-    Each particle keeps its nearest neighbour (nn_index, nn_dist); a merge recomputes the merged
-    row and rescans (from the stored (B, P, P) distances) the rows that pointed at either merged
-    particle, so a step costs O(B P) instead of the O(B P^2) of a full argmin.
-    """
-    n_jets, p_pad, _ = mom_BP4.shape
-    alive = alive_BP.copy()
-    count = alive.sum(axis=1)
-    out = {n: np.zeros((n_jets, n, 4)) for n in ns}
-    # jets that start at or below n particles: their axes are the particles themselves
-    for n in ns:
-        small = count <= n
-        keep = min(n, p_pad)
-        out[n][small, :keep] = mom_BP4[small, :keep]
-    pt2 = mom_BP4[..., 0] ** 2 + mom_BP4[..., 1] ** 2
-    rap, phi = rapidity_phi(mom_BP4)
-    kin = lambda b, k: (pt2[b, k], rap[b, k], phi[b, k], alive[b, k])  # noqa: E731
-    per_particle = (pt2, rap, phi, alive)
-    dist_BPP = _pair_distance(*(x[:, :, None] for x in per_particle), *(x[:, None] for x in per_particle))
-    diagonal = np.arange(p_pad)
-    dist_BPP[:, diagonal, diagonal] = np.inf
-    nn_dist = dist_BPP.min(axis=2)
-    nn_index = dist_BPP.argmin(axis=2)
-    # row i / column i of jet b as flat indices: plain fancy indexing on a (B, P, P) array with a
-    # sliced middle axis is several times slower than this
-    dist_flat = dist_BPP.reshape(-1)
-    row_P = np.arange(p_pad)
-    col_P = row_P * p_pad
-    everyone = np.arange(n_jets)
-    n_stop = ns[0]
-    while True:
-        active = everyone[count > n_stop]
-        if len(active) == 0:
-            break
-        ar = np.arange(len(active))
-        i = nn_dist[active].argmin(axis=1)  # the closest pair of each jet is (i, nn(i))
-        j = nn_index[active, i]
-        # merge j into i (E-scheme)
-        mom_BP4[active, i] += mom_BP4[active, j]
-        alive[active, j] = False
-        nn_dist[active, j] = np.inf  # row and column j go stale; rescans mask dead particles
-        mi = mom_BP4[active, i]
-        pt2[active, i] = mi[:, 0] ** 2 + mi[:, 1] ** 2
-        rap[active, i], phi[active, i] = rapidity_phi(mi)
-        d_AP = _pair_distance(*(x[:, None] for x in kin(active, i)), *kin(active, slice(None)))
-        d_AP[ar, i] = np.inf
-        base = active * (p_pad * p_pad)
-        dist_flat[(base + i * p_pad)[:, None] + row_P] = d_AP
-        dist_flat[(base + i)[:, None] + col_P] = d_AP
-        nn_dist[active, i] = d_AP.min(axis=1)
-        nn_index[active, i] = d_AP.argmin(axis=1)
-        # rows whose nearest neighbour was i or j: rescan; the others can only get closer to the new i
-        nn_a = nn_index[active]
-        stale = ((nn_a == i[:, None]) | (nn_a == j[:, None])) & alive[active]
-        stale[ar, i] = False
-        closer = (d_AP < nn_dist[active]) & ~stale
-        cb, ck = np.nonzero(closer)
-        nn_dist[active[cb], ck] = d_AP[cb, ck]
-        nn_index[active[cb], ck] = i[cb]
-        sb, sk = np.nonzero(stale)
-        if len(sb):
-            jb = active[sb]
-            rows = np.where(alive[jb], dist_flat[(jb * (p_pad * p_pad) + sk * p_pad)[:, None] + row_P], np.inf)
-            nn_dist[jb, sk] = rows.min(axis=1)
-            nn_index[jb, sk] = rows.argmin(axis=1)
-        count[active] -= 1
-        for n in ns:
-            done = active[count[active] == n]
-            if len(done):
-                out[n][done] = mom_BP4[done][alive[done]].reshape(len(done), n, 4)
-        if p_pad >= 16 and 2 * count.max() <= p_pad:
-            # half the slots are dead: repack the surviving pseudojets and continue on the
-            # smaller chunk (clustering depends only on the current pseudojets)
-            p_new = int(count.max())
-            packed = np.arange(p_new)[None, :] < count[:, None]
-            mom_new = np.zeros((n_jets, p_new, 4))
-            mom_new[packed] = mom_BP4[alive]
-            later = [n for n in ns if n < p_new]
-            if later:
-                for n, axes in _cluster_chunk(mom_new, packed, later).items():
-                    pending = count > n
-                    out[n][pending] = axes[pending]
-            break
-    return out
-
-
-def exclusive_kt_axes_fastjet(p4: np.ndarray, offsets: np.ndarray, ns: Iterable[int]) -> dict[int, np.ndarray]:
-    """exclusive_kt_axes from FastJet's multi-event (awkward) interface.
+def exclusive_kt_axes(p4: np.ndarray, offsets: np.ndarray, ns: Iterable[int]) -> dict[int, np.ndarray]:
+    """Exclusive-kT axes {N: (B, N, 4)} from FastJet's multi-event (awkward) interface.
 
     One clustering of the jets with more than max(ns) particles serves every N. FastJet raises
     when asked for more exclusive jets than particles, so the few jets with N < n <= max(ns)
-    particles are clustered apart, and jets with <= N particles are filled as in
-    exclusive_kt_axes (the particles, zero padded).
+    particles are clustered apart, and the rows of jets with <= N particles are their particles,
+    zero padded.
     """
     import warnings
 
@@ -353,6 +191,8 @@ def exclusive_kt_axes_fastjet(p4: np.ndarray, offsets: np.ndarray, ns: Iterable[
     import fastjet
 
     ns = sorted(set(int(n) for n in ns))
+    if ns[0] < 1:
+        raise ValueError(f"numbers of axes must be >= 1, got {ns}")
     counts = np.diff(offsets)
     n_jets = len(counts)
     definition = fastjet.JetDefinition(fastjet.kt_algorithm, KT_RADIUS, fastjet.E_scheme)

@@ -1,11 +1,21 @@
-"""Talk-ready PNG plots: distributions with a ratio panel, ROC (1/eps_B vs eps_S), confusion
-matrix, and scaling curves (data-efficiency scans).
+"""Every PNG jetfm writes, in one style: large fonts for slides, built on matplotlib's Agg
+canvas directly (no pyplot, no global backend switch), so they work in headless jobs and threads.
 
     paths = plot_distributions(ref_obs, gen_obs, "out/plots", annotations={"jet_mass": "KL = 0.003"})
     plot_roc(roc_curves_vs_background(labels, probs, names), "out/roc.png")
 
-Figures are built on matplotlib's Agg canvas directly (no pyplot, no global backend switch), so
-these work in headless jobs and threads. Every function returns the written path(s).
+| plot                       | written by                          | shows                                      |
+|----------------------------|-------------------------------------|--------------------------------------------|
+| plot_distribution(s)       | `jetfm evaluate generative`         | reference vs generated, ratio panel        |
+| plot_roc, plot_confusion   | `jetfm evaluate classifier`, finetune | 1/eps_B vs eps_S; row-normalised confusion |
+| plot_scaling               | `jetfm sweep`                       | metric vs training-set size                |
+| plot_reconstruction        | tokenizer evaluation                | original vs reconstructed, ratio panels    |
+| plot_residuals             | tokenizer evaluation                | per-particle (and jet) resolution          |
+| plot_code_usage            | tokenizer evaluation                | particles per code, by rank                |
+| plot_class_histograms      | `jetfm data inspect`                | a jet observable per class, panel per split |
+
+Callers pass numbers and axis labels, never models or shard sets. Every function returns the
+written path(s).
 """
 
 from __future__ import annotations
@@ -32,6 +42,8 @@ STYLE = {
 #: Observables drawn with a logarithmic y axis by default (steeply falling or long-tailed).
 LOG_Y = frozenset({"part_ptrel", "part_etarel", "part_phirel", "jet_tau1", "jet_tau2", "jet_tau3"})
 REF_COLOR, GEN_COLOR = "0.55", "tab:red"
+#: Line width of step histograms (matplotlib draws them as patches, which lines.linewidth misses).
+HIST_WIDTH = 1.8
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -218,4 +230,138 @@ def plot_scaling(
             ax.set_title(title)
         ax.grid(alpha=0.3, which="both")
         ax.legend(loc="best", frameon=False)
+        return _save(fig, out_path)
+
+
+# ------------------------------------------------------------------------- tokenizer evaluation
+def reconstruction_bins(true: np.ndarray, reco: np.ndarray, *, log: bool, n: int = 50) -> tuple[np.ndarray, bool]:
+    """(edges, log x) of one original-vs-reconstructed histogram: log-spaced between the 0.1% and
+    99.9% quantiles of the positive values when `log` and > 90% are positive (the few <= 0 fall
+    outside), else linear between the 0.2% and 99.8% quantiles."""
+    both = np.concatenate([true, reco])
+    both = both[np.isfinite(both)]
+    positive = both[both > 0]
+    if log and positive.size > 0.9 * both.size:
+        lo, hi = np.percentile(positive, [0.1, 99.9])
+        return np.geomspace(max(lo, 1e-6), max(hi, lo * 1.01, 2e-6), n + 1), True
+    lo, hi = np.percentile(both, [0.2, 99.8])
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    return np.linspace(lo, hi, n + 1), False
+
+
+def _hist_with_ratio(fig, spec, true, reco, bins, log_x, xlabel, ylabel):
+    """Counts of `true` (solid) and `reco` (dashed) on top, reco/true with Poisson errors below."""
+    top = fig.add_subplot(spec[0])
+    bottom = fig.add_subplot(spec[1], sharex=top)
+    h_true, _ = np.histogram(true, bins)
+    h_reco, _ = np.histogram(reco, bins)
+    top.stairs(h_true, bins, label="original", color="black", linewidth=HIST_WIDTH)
+    top.stairs(h_reco, bins, label="reconstructed", color=GEN_COLOR, linestyle="--", linewidth=HIST_WIDTH)
+    top.set_ylabel(ylabel)
+    top.legend(frameon=False, loc="upper left")  # the tails there are low in every panel
+    top.tick_params(labelbottom=False)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(h_true > 0, h_reco / h_true, np.nan)
+        # Poisson errors of both histograms (they share events, so this overestimates a little)
+        error = ratio * np.sqrt(1.0 / np.maximum(h_reco, 1) + 1.0 / np.maximum(h_true, 1))
+    centres = np.sqrt(bins[1:] * bins[:-1]) if log_x else 0.5 * (bins[1:] + bins[:-1])
+    bottom.errorbar(centres, ratio, yerr=error, fmt="o", color=GEN_COLOR, markersize=3, elinewidth=1)
+    bottom.axhline(1.0, color="black", linewidth=1)
+    bottom.set_ylim(0.5, 1.5)
+    bottom.set_ylabel("reco / orig")
+    bottom.set_xlabel(xlabel)
+    bottom.grid(alpha=0.3)
+    if log_x:
+        top.set_xscale("log")
+
+
+def plot_reconstruction(
+    panels: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool, str]], out_path, *, title: str,
+    ylabel: str = "particles",
+) -> Path:
+    """Original vs reconstructed, one column per panel (true, reco, bin edges, log x, x label),
+    counts on top and the ratio reco/orig below."""
+    with matplotlib.rc_context(STYLE):
+        fig = _new_figure(6.5 * len(panels), 6.5)
+        outer = fig.add_gridspec(1, len(panels), wspace=0.3)
+        for j, (true, reco, bins, log_x, xlabel) in enumerate(panels):
+            spec = outer[j].subgridspec(2, 1, height_ratios=[3, 1], hspace=0.05)
+            _hist_with_ratio(fig, spec, true, reco, bins, log_x, xlabel, ylabel)
+        fig.suptitle(title)
+        return _save(fig, out_path)
+
+
+def plot_residuals(panels: list[tuple[np.ndarray, str, float]], out_path) -> Path:
+    """One histogram per panel (values, x label, reference line: 1 for a ratio, 0 for a
+    difference) between the 1% and 99% quantiles, titled with its IQR and standard deviation."""
+    with matplotlib.rc_context(STYLE):
+        fig = _new_figure(6 * len(panels), 5)
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        for ax, (values, xlabel, reference) in zip(axes, panels):
+            values = values[np.isfinite(values)]
+            lo, hi = np.percentile(values, [1, 99]) if values.size else (0.0, 1.0)
+            if hi <= lo:
+                lo, hi = lo - 0.5, hi + 0.5
+            ax.hist(values, np.linspace(lo, hi, 60), histtype="step", color="tab:blue", linewidth=HIST_WIDTH)
+            ax.set_xlabel(xlabel)
+            q25, q75 = np.percentile(values, [25, 75]) if values.size else (0, 0)
+            ax.set_title(f"IQR {q75 - q25:.3g}, std {values.std() if values.size else 0:.3g}")
+            ax.axvline(reference, color="black", linewidth=1)
+        axes[0].set_ylabel("entries")
+        fig.tight_layout()
+        return _save(fig, out_path)
+
+
+def plot_code_usage(counts: np.ndarray, out_path, *, title: str) -> Path:
+    """Particles assigned to each code, codes ranked by use (log-log): a flat curve is a well-used codebook."""
+    ordered = np.sort(np.asarray(counts))[::-1]
+    with matplotlib.rc_context(STYLE):
+        fig = _new_figure(8, 5.5)
+        ax = fig.subplots()
+        ax.plot(np.arange(1, len(ordered) + 1), np.maximum(ordered, 0.5), color="tab:blue")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("code rank")
+        ax.set_ylabel("particles assigned")
+        ax.set_title(title)
+        ax.grid(alpha=0.3, which="both")
+        return _save(fig, out_path)
+
+
+# ------------------------------------------------------------------------- data inspection
+def plot_class_histograms(
+    panels: dict[str, tuple[np.ndarray, np.ndarray, str]], class_names: list[str], bins: np.ndarray, out_path, *,
+    xlabel: str, title: str, marker: tuple[float, str] | None = None,
+) -> Path:
+    """A panel per split ({panel name: (values, class index per value, panel title)}), a
+    normalised step histogram per class, one legend beside the panels (so no curve hides behind
+    it); `marker` (x, label) draws a dotted vertical line (e.g. the stored-particles limit)."""
+    colors = [f"C{k % 10}" for k in range(len(class_names))]
+    styles = ["-", "--", ":", "-."]  # more than ten classes: the colours repeat with another line style
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=(6.5 * len(panels) + 2.5, 5.5), dpi=100, layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        for ax, (values, labels, panel_title) in zip(axes, panels.values()):
+            for k, name in enumerate(class_names):
+                selected = values[labels == k]
+                if len(selected) == 0:
+                    continue
+                ax.hist(selected, bins=bins, weights=np.full(len(selected), 1.0 / len(selected)),
+                        histtype="step", linewidth=HIST_WIDTH, color=colors[k], linestyle=styles[(k // 10) % 4],
+                        label=name)
+            if marker is not None and bins[0] < marker[0] < bins[-1]:
+                ax.axvline(marker[0], color="0.4", linestyle=":", linewidth=1.2, label=marker[1])
+            ax.set_title(panel_title)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("Fraction of jets per bin")
+            ax.set_xlim(bins[0], bins[-1])
+            ax.grid(alpha=0.25)
+        handles = {}
+        for ax in axes:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(label, handle)
+        fig.legend(list(handles.values()), list(handles), loc="outside right center", frameon=False, title="class")
+        fig.suptitle(title)
         return _save(fig, out_path)

@@ -8,11 +8,9 @@ start = 0, particle = code + 1, stop = codebook_size + 1, vocab = codebook_size 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-INPUT_MODES = ("continuous", "token")
-ATTENTION_BACKENDS = ("sdpa", "flash")
-CONDITIONINGS = ("none", "multiplicity", "class")
-OBJECTIVES = ("ntp", "mpm", "joint")
+from jetfm.choices import check_choices
 
 
 @dataclass
@@ -32,7 +30,7 @@ class ModelConfig:
     dropout: float = 0.1
     """Dropout on the residual branches (attention output and MLP output). Never applied to logits."""
 
-    input_mode: str = "continuous"
+    input_mode: Literal["continuous", "token"] = "continuous"
     """`continuous`: Linear projection of per-particle features (raw or tokenizer-reconstructed,
     see `data.inputs`) with a trainable start vector; `token`: embedding table over token ids."""
 
@@ -45,11 +43,12 @@ class ModelConfig:
     head_mlp_ratio: float = 2.0
     """Head MLP hidden width = head_mlp_ratio * dim."""
 
-    attention: str = "sdpa"
+    attention: Literal["sdpa", "flash"] = "sdpa"
     """Attention kernel: `sdpa` (torch SDPA, any device) or `flash` (flash-attn varlen, CUDA,
-    fp16/bf16 only). An unsupported combination raises when the model is built."""
+    fp16/bf16 only). An unsupported combination raises when the model is built. The values are
+    those of `jetfm.models.attention.AttentionBackend` (a test keeps the two equal)."""
 
-    conditioning: str = "none"
+    conditioning: Literal["none", "multiplicity", "class"] = "none"
     """Jet-level conditioning added to every position of the backbone input: `none`,
     `multiplicity` (embedding of the number of particles n) or `class` (embedding of the label)."""
 
@@ -58,12 +57,7 @@ class ModelConfig:
     (start + particles), which is also the generation length limit and the KV-cache size."""
 
     def __post_init__(self):
-        if self.input_mode not in INPUT_MODES:
-            raise ValueError(f"model.input_mode must be one of {INPUT_MODES}, got {self.input_mode!r}")
-        if self.attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"model.attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
-        if self.conditioning not in CONDITIONINGS:
-            raise ValueError(f"model.conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
+        check_choices(self, "model")
         for name in ("dim", "num_heads", "num_blocks", "head_blocks", "max_particles"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
@@ -85,7 +79,7 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "joint"
+    name: Literal["ntp", "mpm", "joint"] = "joint"
     """Pre-training objective: `ntp` (next-token prediction, causal), `mpm` (masked-particle
     modelling, bidirectional) or `joint` (both; loss = ntp_weight * L_ntp + mpm_weight * L_mpm)."""
 
@@ -104,8 +98,7 @@ class ObjectiveConfig:
     None = model.max_particles (always enough)."""
 
     def __post_init__(self):
-        if self.name not in OBJECTIVES:
-            raise ValueError(f"objective.name must be one of {OBJECTIVES}, got {self.name!r}")
+        check_choices(self, "objective")
         if not 0.0 < self.mask_fraction < 1.0:
             raise ValueError(f"objective.mask_fraction must be in (0, 1), got {self.mask_fraction}")
         if self.ntp_weight < 0 or self.mpm_weight < 0:

@@ -9,10 +9,9 @@ collapse guard) the choice is jetfm's and the field docstring says why.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-CODEBOOK_UPDATES = ("affine", "ema")
-CODEBOOK_INITS = ("sample", "gaussian", "kmeans")
-COLLAPSE_ACTIONS = ("warn", "raise")
+from jetfm.choices import check_choices
 
 
 @dataclass
@@ -35,7 +34,7 @@ class TokenizerConfig:
     """Commitment weight: vq_loss = ‖sg(z) − q‖² + beta · ‖z − sg(q)‖² (mean over particles)."""
     vq_weight: float = 10.0
     """loss = masked MSE reconstruction + vq_weight × vq_loss."""
-    codebook_update: str = "affine"
+    codebook_update: Literal["affine", "ema"] = "affine"
     """How codes learn. "affine": codebook = shift + scale ⊙ W with W (K, D) and the shared
     shift/scale (D) trained by gradient (Huh et al. 2023 affine re-parametrisation, the
     reference's choice). "ema": codes are exponential moving averages of their assigned encoder
@@ -51,7 +50,7 @@ class TokenizerConfig:
     gradient through the straight-through estimator. 0 = plain straight-through."""
     ema_decay: float = 0.99
     """Decay of the "ema" codebook update (ignored for "affine")."""
-    codebook_init: str = "sample"
+    codebook_init: Literal["sample", "gaussian", "kmeans"] = "sample"
     """How codes start, from the first training batch's encoder outputs z: "sample" (random
     z's; default: ≈4× the early perplexity of "gaussian"), "gaussian" (N(mean z, std z²)) or
     "kmeans" (k-means centres; seconds of CPU for 8192 codes)."""
@@ -69,7 +68,7 @@ class TokenizerConfig:
     dead-code window must reach this, else a warning or an error (on_collapse)."""
     utilisation_warmup: int = 1000
     """Optimizer steps before the collapse guard is active."""
-    on_collapse: str = "warn"
+    on_collapse: Literal["warn", "raise"] = "warn"
     """"warn" (UserWarning) or "raise" (CodebookCollapseError) when utilisation is too low."""
     shuffle_particles: bool = True
     """Shuffle particles within each jet during training (reference). The encoder is
@@ -82,6 +81,7 @@ class TokenizerConfig:
     (tokenize, pre-training with continuous/reco inputs, generation)."""
 
     def __post_init__(self):
+        check_choices(self, "tokenizer")
         for name in ("hidden_dim", "num_heads", "encoder_blocks", "decoder_blocks", "mlp_ratio",
                      "latent_dim", "codebook_size", "kmeans_iters", "replacement_pool"):
             value = getattr(self, name)
@@ -93,14 +93,6 @@ class TokenizerConfig:
             )
         if self.codebook_size < 2:
             raise ValueError(f"tokenizer.codebook_size must be at least 2, got {self.codebook_size}")
-        if self.codebook_update not in CODEBOOK_UPDATES:
-            raise ValueError(
-                f"tokenizer.codebook_update {self.codebook_update!r} unknown; expected one of {list(CODEBOOK_UPDATES)}"
-            )
-        if self.codebook_init not in CODEBOOK_INITS:
-            raise ValueError(f"tokenizer.codebook_init {self.codebook_init!r} unknown; expected one of {list(CODEBOOK_INITS)}")
-        if self.on_collapse not in COLLAPSE_ACTIONS:
-            raise ValueError(f"tokenizer.on_collapse {self.on_collapse!r} unknown; expected one of {list(COLLAPSE_ACTIONS)}")
         if self.beta < 0 or self.vq_weight < 0 or self.affine_lr < 0 or self.sync_nu < 0:
             raise ValueError("tokenizer.beta, vq_weight, affine_lr and sync_nu must be non-negative")
         if not 0.0 < self.ema_decay < 1.0:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ..data.features import four_momenta_from_relative
 from ..data.physics import invariant_mass, segment_sum, wrap_phi
+from ..metrics import plots
 from .codebook import counts_statistics, nearest_codes
 from .model import Layout, check_features_match
 
@@ -169,116 +170,35 @@ def evaluate(model, loader, cfg, out_dir, *, max_jets: int | None = None, plots:
 
 
 # ---------------------------------------------------------------------- plots
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"font.size": 13, "axes.titlesize": 14, "axes.labelsize": 14, "legend.fontsize": 12})
-    return plt
-
-
-def _bins(name: str, true: np.ndarray, reco: np.ndarray, n: int = 50) -> tuple[np.ndarray, bool]:
-    both = np.concatenate([true, reco])
-    both = both[np.isfinite(both)]
-    positive = both[both > 0]
-    if name in RATIO_FEATURES and positive.size > 0.9 * both.size:  # log axis; the few <= 0 fall outside
-        lo, hi = np.percentile(positive, [0.1, 99.9])
-        return np.geomspace(max(lo, 1e-6), max(hi, lo * 1.01, 2e-6), n + 1), True
-    lo, hi = np.percentile(both, [0.2, 99.8])
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    return np.linspace(lo, hi, n + 1), False
-
-
-def _hist_with_ratio(fig, spec, true, reco, bins, log_x, xlabel):
-    top = fig.add_subplot(spec[0])
-    bottom = fig.add_subplot(spec[1], sharex=top)
-    h_true, _ = np.histogram(true, bins)
-    h_reco, _ = np.histogram(reco, bins)
-    top.stairs(h_true, bins, label="original", color="black", linewidth=1.8)
-    top.stairs(h_reco, bins, label="reconstructed", color="tab:red", linewidth=1.8, linestyle="--")
-    top.set_ylabel("particles" if "particle" in xlabel else "jets")
-    top.legend(frameon=False, loc="upper left")  # the tails there are low in every panel
-    top.tick_params(labelbottom=False)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(h_true > 0, h_reco / h_true, np.nan)
-        # Poisson errors of both histograms (they share events, so this overestimates a little)
-        error = ratio * np.sqrt(1.0 / np.maximum(h_reco, 1) + 1.0 / np.maximum(h_true, 1))
-    centres = np.sqrt(bins[1:] * bins[:-1]) if log_x else 0.5 * (bins[1:] + bins[:-1])
-    bottom.errorbar(centres, ratio, yerr=error, fmt="o", color="tab:red", markersize=3, elinewidth=1)
-    bottom.axhline(1.0, color="black", linewidth=1)
-    bottom.set_ylim(0.5, 1.5)
-    bottom.set_ylabel("reco / orig")
-    bottom.set_xlabel(xlabel)
-    if log_x:
-        top.set_xscale("log")
-
-
 def _plot_features(names, x_true, x_reco, path: Path) -> None:
-    plt = _pyplot()
-    fig = plt.figure(figsize=(5.5 * len(names), 5.5))
-    outer = fig.add_gridspec(1, len(names), wspace=0.3)
+    panels = []
     for j, name in enumerate(names):
-        spec = outer[j].subgridspec(2, 1, height_ratios=[3, 1], hspace=0.05)
-        bins, log_x = _bins(name, x_true[:, j], x_reco[:, j])
-        _hist_with_ratio(fig, spec, x_true[:, j], x_reco[:, j], bins, log_x, LABELS.get(name, name))
-    fig.suptitle("VQ-VAE tokenizer: original vs reconstructed particles")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+        bins, log_x = plots.reconstruction_bins(x_true[:, j], x_reco[:, j], log=name in RATIO_FEATURES)
+        panels.append((x_true[:, j], x_reco[:, j], bins, log_x, LABELS.get(name, name)))
+    plots.plot_reconstruction(panels, path, title="VQ-VAE tokenizer: original vs reconstructed particles")
 
 
 def _plot_residuals(residuals, jets, path: Path) -> None:
-    plt = _pyplot()
-    panels = list(residuals.items()) + ([("jet_mass", (jets["mass_ratio"], "ratio"))] if jets is not None else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
-    for ax, (name, (values, kind)) in zip(axes[0], panels):
-        values = values[np.isfinite(values)]
-        lo, hi = np.percentile(values, [1, 99]) if values.size else (0.0, 1.0)
-        if hi <= lo:
-            lo, hi = lo - 0.5, hi + 0.5
-        ax.hist(values, np.linspace(lo, hi, 60), histtype="step", color="tab:blue", linewidth=1.8)
+    panels = []
+    entries = list(residuals.items()) + ([("jet_mass", (jets["mass_ratio"], "ratio"))] if jets is not None else [])
+    for name, (values, kind) in entries:
         label = "jet mass" if name == "jet_mass" else LABELS.get(name, name).split("[")[0].strip()
         if name in RATIO_FEATURES:
             label += f" (≥ {RATIO_FEATURES[name]:g})"
-        ax.set_xlabel(f"{label}: {'reco / orig' if kind == 'ratio' else 'reco − orig'}")
-        q25, q75 = np.percentile(values, [25, 75]) if values.size else (0, 0)
-        ax.set_title(f"IQR {q75 - q25:.3g}, std {values.std() if values.size else 0:.3g}", fontsize=12)
-        ax.axvline(1.0 if kind == "ratio" else 0.0, color="black", linewidth=1)
-    axes[0][0].set_ylabel("entries")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        xlabel = f"{label}: {'reco / orig' if kind == 'ratio' else 'reco − orig'}"
+        panels.append((values, xlabel, 1.0 if kind == "ratio" else 0.0))
+    plots.plot_residuals(panels, path)
 
 
 def _plot_jet_mass(jets, path: Path) -> None:
-    plt = _pyplot()
-    fig = plt.figure(figsize=(6.5, 6))
-    spec = fig.add_gridspec(2, 1, height_ratios=[3, 1], hspace=0.05)
     true, reco = jets["true"]["mass"], jets["reco"]["mass"]
     hi = np.percentile(np.concatenate([true, reco]), 99.8)
     n_bins = int(np.clip(np.sqrt(len(true)) / 1.5, 15, 60))  # ≈ 20 jets per bin on average at least
-    _hist_with_ratio(fig, spec, true, reco, np.linspace(0, max(hi, 1e-3), n_bins + 1), False,
-                     "jet mass [GeV] (massless constituents)")
-    fig.suptitle("jet mass: original vs tokenized-then-decoded")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    bins = np.linspace(0, max(hi, 1e-3), n_bins + 1)
+    plots.plot_reconstruction([(true, reco, bins, False, "jet mass [GeV] (massless constituents)")], path,
+                              title="jet mass: original vs tokenized-then-decoded", ylabel="jets")
 
 
 def _plot_codebook(counts: np.ndarray, metrics: dict, path: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ordered = np.sort(counts)[::-1]
-    ax.plot(np.arange(1, len(ordered) + 1), np.maximum(ordered, 0.5), color="tab:blue", linewidth=1.8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("code rank")
-    ax.set_ylabel("particles assigned")
-    ax.set_title(
-        f"codebook: {int(metrics['codes_used'])} / {len(counts)} codes used, perplexity {metrics['perplexity']:.0f}",
-        fontsize=12,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    title = f"codebook: {int(metrics['codes_used'])} / {len(counts)} codes used, perplexity {metrics['perplexity']:.0f}"
+    plots.plot_code_usage(counts, path, title=title)

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import messages
 from ..data.features import particle_features
 from ..data.format import DataError
 from ..data.reader import read_shard_chunks, truncation_rows
@@ -173,8 +174,8 @@ def tokenize_dataset(
         manifest.save(out_dir)
     if progress:
         seconds = time.perf_counter() - started
-        print(f"tokenized {total} jets in {len(todo)} shards ({seconds:.1f} s, {total / max(seconds, 1e-9):.0f} jets/s); "
-              f"{len(done)} shards already done -> {out_dir}", file=sys.stderr)
+        messages.info(f"tokenized {total} jets in {len(todo)} shards ({seconds:.1f} s, "
+                      f"{total / max(seconds, 1e-9):.0f} jets/s); {len(done)} shards already done -> {out_dir}")
     return manifest
 
 
@@ -197,10 +198,10 @@ def run_tokenize(args) -> int:
         manifest = tokenize_dataset(args.tokenizer, args.data, args.out, splits=splits, batch_size=args.batch_size,
                                     device=args.device, with_reco=args.with_reco, progress=not args.quiet)
     except (TokenizerMismatchError, FileNotFoundError) as error:
-        print(f"jetfm: error: {error}", file=sys.stderr)
+        messages.error(str(error))
         return 2
     counts = {split: manifest.n_jets(split) for split in manifest.splits}
-    print(f"{args.out}: tokens of a {manifest.tokens['codebook_size']}-code tokenizer; jets per split {counts}")
+    messages.output(f"{args.out}: tokens of a {manifest.tokens['codebook_size']}-code tokenizer; jets per split {counts}")
     return 0
 
 
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_tokenize(parser.parse_args(argv))
     except DataError as error:
-        print(f"jetfm: error: {error}", file=sys.stderr)
+        messages.error(str(error))
         return 2
 
 
