@@ -97,7 +97,7 @@ def record_from_run(run_dir: Path, data_unit: str = "particles") -> dict:
     scaling = summary.get("scaling") or {}
     raw = {"name": summary.get("name") or run_dir.name, "size": scaling.get("size"), "budget": scaling.get("budget"),
            "N": scaling.get("N"), "N_total": scaling.get("N_total"), "flops": scaling.get("flops"),
-           "epochs": scaling.get("epochs", summary.get("epoch"))}
+           "epochs": scaling.get("epochs", summary.get("epoch")) or None}  # 0: no step taken, no epoch count
     if raw["N"] is None:
         weights = run_dir / "final" / "model.safetensors"
         if not weights.exists():
