@@ -118,3 +118,37 @@ def test_few_runs_give_a_report_without_a_law(tmp_path):
     assert "law" not in fit["objectives"]["ntp"] and "mpm" not in fit["objectives"]
     assert "needs at least 5" in (out / "study.md").read_text()
     assert (out / "ntp_loss_vs_compute.png").exists() and not (out / "ntp_residuals.png").exists()
+
+
+@pytest.mark.slow
+def test_records_from_a_real_pretraining_run(tmp_path, monkeypatch):
+    """Today's trainer output read as a record: tokenizer -> tokenize -> ntp pre-training (3 steps)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from jetfm import train as trainer
+    from jetfm.tokenizer.tokenize import main as tokenize_main
+    from test_trainer import tiny_config, write_tiny_dataset
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    data = write_tiny_dataset(tmp_path / "data")
+    tok = tiny_config(tmp_path, data, name="tok", builder=None, stage="tokenizer",
+                      tokenizer={"hidden_dim": 16, "num_heads": 2, "encoder_blocks": 1, "decoder_blocks": 1,
+                                 "latent_dim": 4, "codebook_size": 16},
+                      train={"max_steps": 2, "eval_every": 0})
+    assert trainer.main(["--config", str(tok)]) == 0
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    assert tokenize_main(["--tokenizer", str(tmp_path / "tok" / "final"), "--data", str(data),
+                          "--out", str(tmp_path / "tokens"), "--splits", "train,val"]) == 0
+    pre = tiny_config(tmp_path, tmp_path / "tokens", name="pre", builder=None, objective={"name": "ntp"},
+                      model={"dim": 16, "num_heads": 2, "num_blocks": 1, "head_blocks": 1, "dropout": 0.0},
+                      train={"max_steps": 3, "eval_every": 3, "eval_batches": 1})
+    assert trainer.main(["--config", str(pre)]) == 0
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    summary = json.loads((tmp_path / "pre" / "summary.json").read_text())
+    (record,), skipped = load_records(tmp_path / "pre", "jets")
+    assert not skipped
+    assert record["N_total"] == summary["parameters"] and record["N"] < record["N_total"]
+    assert record["D"] == 3 * summary["global_batch_jets"] and record["losses"] == {"ntp": summary["val"]["loss"]}
