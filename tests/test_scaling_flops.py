@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from jetfm.data.batch import JetBatch
 from jetfm.models.config import ModelConfig, ObjectiveConfig
 from jetfm.models.pretrain import build_pretrain_model
-from jetfm.scaling.flops import ModelShapes, batch_flops, step_flops
+from jetfm.scaling.flops import ComputeMeter, ModelShapes, batch_flops, step_flops
 
 CODEBOOK = 30
 MANIFEST = SimpleNamespace(tokens={"codebook_size": CODEBOOK}, classes=["QCD", "Tbqq"])
@@ -103,3 +103,23 @@ def test_bad_input_is_refused():
         step_flops(shapes, torch.tensor([3]), objective="ntp", attention="flash")
     with pytest.raises(ValueError, match="lengths"):
         step_flops(shapes, torch.tensor([[3]]), objective="ntp")
+
+
+def test_compute_meter_sums_steps_and_resumes_exactly():
+    model = make_model("joint")
+    batches = [uneven_batch(num_jets=8, seed=s) for s in range(4)]
+    uninterrupted = ComputeMeter.for_model(model)
+    for b in batches:
+        uninterrupted.add(uninterrupted.count(b.seqlens), b.num_particles, b.num_jets)
+    first = ComputeMeter.for_model(model)
+    for b in batches[:2]:
+        first.add(first.count(b.seqlens), b.num_particles, b.num_jets)
+    resumed = ComputeMeter.for_model(model)
+    resumed.load_state_dict(first.state_dict())
+    for b in batches[2:]:
+        resumed.add(resumed.count(b.seqlens), b.num_particles, b.num_jets)
+    assert resumed.state_dict() == uninterrupted.state_dict()
+    assert uninterrupted.flops == sum(batch_flops(model, b).total for b in batches)
+    assert uninterrupted.particles == sum(b.num_particles for b in batches) and uninterrupted.steps == 4
+    with pytest.raises(ValueError, match="objective 'joint' cannot continue a 'ntp' run"):
+        ComputeMeter.for_model(make_model("ntp")).load_state_dict(first.state_dict())

@@ -3,6 +3,7 @@
     shapes = ModelShapes.from_model(model)                      # or .from_config(cfg.model, vocab, F)
     count = step_flops(shapes, batch.seqlens, objective="joint", mask_fraction=0.4)
     count.total, count.forward, count.parts                      # FLOPs (1 multiply-add = 2 FLOPs)
+    meter = ComputeMeter.for_model(model)                        # a run's cumulative FLOPs, particles, jets
 
 What is counted, and why (the conventions of docs/SCALING.md):
 
@@ -195,3 +196,49 @@ def batch_flops(model, batch, *, attention: str = "useful", backward: bool = Tru
     return step_flops(ModelShapes.from_model(model), batch.seqlens, objective=obj.name,
                       mask_fraction=obj.mask_fraction, attention=attention, max_seqlen=batch.max_seqlen,
                       backward=backward)
+
+
+class ComputeMeter:
+    """A run's cumulative training compute: FLOPs, particles and jets seen, carried in checkpoints.
+
+        meter = ComputeMeter.for_model(model)          # the unwrapped PretrainModel
+        flops = meter.count(batch.seqlens)             # one micro-batch on this process (no host sync on CPU)
+        meter.add(flops, particles, jets)              # the step's totals, summed over processes
+        state = meter.state_dict(); meter.load_state_dict(state)   # resume continues the sums
+
+    `count` uses the useful-attention convention of `step_flops`. The sums are floats (exact to
+    2^53 ~ 9e15 particles; FLOPs beyond that lose integer precision, not meaning).
+    """
+
+    def __init__(self, shapes: ModelShapes, objective: str, mask_fraction: float):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        self.shapes, self.objective, self.mask_fraction = shapes, objective, float(mask_fraction)
+        self.flops = self.particles = self.jets = 0.0
+        self.steps = 0
+
+    @classmethod
+    def for_model(cls, model) -> "ComputeMeter":
+        obj = model.objective_cfg
+        return cls(ModelShapes.from_model(model), obj.name, obj.mask_fraction)
+
+    def count(self, seqlens: torch.Tensor) -> float:
+        """Forward + backward FLOPs of one micro-batch of jets with these multiplicities."""
+        return step_flops(self.shapes, seqlens, objective=self.objective, mask_fraction=self.mask_fraction).total
+
+    def add(self, flops: float, particles: float, jets: float) -> None:
+        """One optimizer step's totals (all micro-batches, all processes)."""
+        self.flops += float(flops)
+        self.particles += float(particles)
+        self.jets += float(jets)
+        self.steps += 1
+
+    def state_dict(self) -> dict:
+        return {"flops": self.flops, "particles": self.particles, "jets": self.jets, "steps": self.steps,
+                "objective": self.objective}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("objective") != self.objective:
+            raise ValueError(f"compute state of objective {state.get('objective')!r} cannot continue a {self.objective!r} run")
+        self.flops, self.particles, self.jets = (float(state[k]) for k in ("flops", "particles", "jets"))
+        self.steps = int(state["steps"])

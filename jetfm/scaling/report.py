@@ -180,6 +180,7 @@ def analyse(records: list[dict], *, objectives=None, bootstrap: int = 200, seed:
         res: dict = {"runs": len(runs), "notes": []}
         k = float(np.median(C / (N * D)))
         res["flops_per_ND"] = k
+        res["max_repetition"] = float(np.max(D / unique - 1.0))
         if len(runs) >= 5:
             law = fit_law(N, D, L, unique=unique)
             res["law"] = law.as_dict()
@@ -264,9 +265,12 @@ def study_markdown(result: dict) -> str:
             for name in ("E", "A", "alpha", "B", "beta", "a", "b") + (("R_star",) if law.get("R_star") else ()):
                 interval = f"[{_fmt(ci[name][0])}, {_fmt(ci[name][1])}]" if name in ci else "-"
                 lines.append(f"| {name} | {_fmt(law[name])} | {interval} |")
-            lines += ["", f"Compute-optimal (C = 6 N D): N* ∝ C^{law['a']:.3f}, D* ∝ C^{law['b']:.3f}. "
-                      f"The runs' own FLOPs are {res['flops_per_ND']:.3g} N D on average (attention and "
-                      "vocabulary projections make it differ from 6)."]
+            lines += ["", f"Compute-optimal (C ∝ N D): N* ∝ C^{law['a']:.3f}, D* ∝ C^{law['b']:.3f}. "
+                      f"The runs' own FLOPs average {res['flops_per_ND']:.3g} N D (the usual 6 N D leaves out "
+                      "attention and the vocabulary projections)."]
+            if law.get("R_star") and law["R_star"] > 10 * res["max_repetition"]:
+                lines.append(f"- R* = {_fmt(law['R_star'])} is far beyond the largest repetition R = "
+                             f"{res['max_repetition']:.3g}: these runs cannot tell repeated from fresh data.")
         iso = res["isoflop"]
         if iso["budgets"]:
             lines += ["", "| IsoFLOP budget C | N_opt | D_opt | loss at N_opt |", "|---:|---:|---:|---:|"]
