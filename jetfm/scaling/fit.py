@@ -61,16 +61,18 @@ class Law:
 
     @property
     def a(self) -> float:
-        """Exponent of N*(C) ∝ C^a."""
-        return self.beta / (self.alpha + self.beta)
+        """Exponent of N*(C) ∝ C^a (nan unless both exponents are > 0: no finite optimum)."""
+        return self.beta / (self.alpha + self.beta) if self.alpha > 0 and self.beta > 0 else float("nan")
 
     @property
     def b(self) -> float:
         """Exponent of D*(C) ∝ C^b."""
-        return self.alpha / (self.alpha + self.beta)
+        return self.alpha / (self.alpha + self.beta) if self.alpha > 0 and self.beta > 0 else float("nan")
 
     @property
     def G(self) -> float:
+        if not (self.alpha > 0 and self.beta > 0):
+            return float("nan")
         return (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
 
     def effective_data(self, D, unique=None) -> np.ndarray:
