@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from jetfm import stages
 from jetfm.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 from jetfm.config import Config, ConfigError, OptimConfig, describe_keys, flatten, load_config, load_yaml
-from jetfm.distributed import describe, make_accelerator, sync_replicas, unwrap
+from jetfm.distributed import describe, full_state_dict, make_accelerator, shard_model, sync_replicas, unwrap
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_DIVERGED = 0, 1, 2, 3
 
@@ -169,6 +169,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
 
     # ---- model, optimizer, schedule
     model = stages.build_model(cfg, manifest)
+    model = shard_model(accelerator, model, cfg)  # FSDP2: per block, before the optimizer sees the parameters
     n_params = sum(p.numel() for p in model.parameters())
     evaluate = stages.stage_evaluator(cfg)
     # a stage may split its own groups, each with its "lr" (e.g. a smaller backbone lr when fine-tuning)
@@ -361,8 +362,11 @@ def train(cfg: Config, resume: str | None = None) -> int:
     # ---- the trained model for the next stage: out_dir/final
     final_dir = None
     if status == "completed":
-        final_dir = export_final(accelerator, model, unwrapped, cfg, manifest, run_dir)
-        say(f"final model: {final_dir}")
+        final_dir, export_error = _guarded_export(export_final, accelerator, model, unwrapped, cfg, manifest, run_dir)
+        if export_error:
+            status, message, exit_code = "failed", export_error, EXIT_ERROR
+        else:
+            say(f"final model: {final_dir}")
 
     # ---- summary
     tracker.close({"completed": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
@@ -452,7 +456,7 @@ def export_final(accelerator, model, unwrapped, cfg: Config, manifest, run_dir: 
 
     final = run_dir / name
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        state = accelerator.get_state_dict(model)  # collective: full tensors on rank 0
+        state = full_state_dict(accelerator, model)  # collective: full (fp32 master) tensors
         if not accelerator.is_main_process:
             accelerator.wait_for_everyone()
             return final
@@ -482,6 +486,17 @@ def export_final(accelerator, model, unwrapped, cfg: Config, manifest, run_dir: 
             (final / "selection.json").write_text(json.dumps(note, indent=1, default=str) + "\n")
     accelerator.wait_for_everyone()
     return final
+
+
+def _guarded_export(export, *args) -> tuple[Path | None, str]:
+    """(directory, "") or (None, message): a failed export still lets the run close its MLflow run,
+    write summary.json and exit non-zero with the message (the last checkpoint stays usable)."""
+    try:
+        return export(*args), ""
+    except Exception as error:  # noqa: BLE001 - reported, and the exit status says it failed
+        message = f"export of the trained model failed: {type(error).__name__}: {error}"
+        print(f"jetfm: {message}", file=sys.stderr)
+        return None, message
 
 
 def _improves(value, best: dict | None, direction: str) -> bool:
