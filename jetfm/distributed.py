@@ -13,6 +13,7 @@ On CPU (development machines, tests) — `launch_command()` builds these:
                (or --multi_gpu instead of the file; plain --cpu silently runs ONE process)
     FSDP2      ACCELERATE_USE_CPU=1 accelerate launch --config_file configs/accelerate/fsdp.yaml ...
     DeepSpeed  DS_ACCELERATOR=cpu accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml ...
+               (deepspeed_zero3.yaml for ZeRO-3; docs/DISTRIBUTED.md has the details)
 
 Two accelerate behaviours on CPU that this module corrects or refuses, so a run never trains
 under another parallelism than the one asked for:
