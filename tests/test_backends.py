@@ -23,6 +23,7 @@ from test_trainer import (  # noqa: F401 - the fixtures are used by name
     BATCH,
     _fresh_accelerate_state,
     build_tiny_model,  # noqa: F401 - this module is the exporter-failing builder's module
+    read_metric_records,
     read_metrics,
     run,
     tiny_config,
@@ -194,21 +195,26 @@ def pretrain_config(tmp_path, data, name, **train):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["deepspeed", "deepspeed_zero3"])
-def test_deepspeed_bf16_pretrains_and_exports_a_loadable_final(tmp_path, token_data, kind):
-    """bf16 under ZeRO-2 and ZeRO-3 trains the real pre-training model; final/ holds the fp32
-    master weights and loads with the loader generation and fine-tuning use."""
-    pytest.importorskip("deepspeed")
+@pytest.mark.parametrize("kind", ["fsdp", "deepspeed", "deepspeed_zero3"])
+def test_bf16_pretrains_sharded_and_exports_a_loadable_final(tmp_path, token_data, kind):
+    """bf16 under FSDP2 (per-block units), ZeRO-2 and ZeRO-3 trains the real pre-training model;
+    final/ holds the fp32 master weights and loads with the loader generation and fine-tuning use."""
+    if kind.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
     from safetensors.torch import load_file
 
     from jetfm.generate import load_pretrain_checkpoint
 
-    config = pretrain_config(tmp_path, token_data, kind, precision="bf16")
+    config = pretrain_config(tmp_path, token_data, kind, precision="bf16", checkpoint_every=2, keep_checkpoints=0)
     rc, out, seconds = launch(kind, config, timeout=600)
     assert rc == 0, out[-4000:]
     summary = json.loads((tmp_path / kind / "summary.json").read_text())
-    assert summary["distributed"]["distributed_type"] == "DEEPSPEED" and summary["distributed"]["num_processes"] == 2
-    assert summary["distributed"]["zero_stage"] == (3 if kind.endswith("zero3") else 2)
+    assert summary["distributed"]["num_processes"] == 2
+    if kind == "fsdp":
+        assert summary["distributed"]["distributed_type"] == "FSDP"
+    else:
+        assert summary["distributed"]["distributed_type"] == "DEEPSPEED"
+        assert summary["distributed"]["zero_stage"] == (3 if kind.endswith("zero3") else 2)
     assert summary["distributed"]["mixed_precision"] == "bf16" and summary["status"] == "completed"
     losses = read_metrics(tmp_path / kind)
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
@@ -225,7 +231,15 @@ def test_deepspeed_bf16_pretrains_and_exports_a_loadable_final(tmp_path, token_d
     initial = load_file(tmp_path / "single" / "final" / "model.safetensors")  # one step from the same init
     moved = [k for k in weights if not torch.equal(weights[k], initial[k])]
     assert moved  # trained, and not bf16-rounded copies of fp32 values that never moved
-    print(f"{kind} bf16: {seconds:.1f} s, losses {losses}")
+    if kind == "fsdp":  # per-block units through the sharded checkpoint: step 3 repeats exactly
+        import shutil
+
+        shutil.rmtree(tmp_path / kind / "checkpoints" / "step-000003")
+        rc, out, _ = launch(kind, config, "--resume")
+        assert rc == 0, out[-4000:]
+        records = read_metric_records(tmp_path / kind)
+        assert [s for s, _ in records] == [1, 2, 3, 3] and records[2][1] == records[3][1]
+    print(f"{kind} bf16: {seconds:.1f} s, losses {losses}, 1-process fp32 step 1: {read_metrics(tmp_path / 'single')[1]}")
 
 
 @pytest.mark.slow
