@@ -226,6 +226,8 @@ def test_bf16_pretrains_sharded_and_exports_a_loadable_final(tmp_path, token_dat
 
     weights = load_file(tmp_path / kind / "final" / "model.safetensors")
     assert {str(w.dtype) for w in weights.values()} == {"torch.float32"} and all(w.numel() for w in weights.values())
+    # the fp32 master weights, not the bf16 compute copies widened to fp32
+    assert any(not torch.equal(w, w.bfloat16().float()) for w in weights.values())
     cfg, model, _ = load_pretrain_checkpoint(tmp_path / kind / "final")
     assert cfg.stage == "pretrain" and cfg.train.precision == "bf16"
     initial = load_file(tmp_path / "single" / "final" / "model.safetensors")  # one step from the same init
