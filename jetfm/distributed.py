@@ -13,6 +13,7 @@ On CPU (development machines, tests) — `launch_command()` builds these:
                (or --multi_gpu instead of the file; plain --cpu silently runs ONE process)
     FSDP2      ACCELERATE_USE_CPU=1 accelerate launch --config_file configs/accelerate/fsdp.yaml ...
     DeepSpeed  DS_ACCELERATOR=cpu accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml ...
+               (deepspeed_zero3.yaml for ZeRO-3; docs/DISTRIBUTED.md has the details)
 
 Two accelerate behaviours on CPU that this module corrects or refuses, so a run never trains
 under another parallelism than the one asked for:
@@ -23,6 +24,12 @@ under another parallelism than the one asked for:
   DeepSpeed (ACCELERATE_USE_DEEPSPEED=true) but not given it -> error naming DS_ACCELERATOR=cpu.
   With DS_ACCELERATOR=cpu, accelerate records 1 process and rank 0 on every process (DeepSpeed's
   own group is right): the rank and world size are copied from torch.distributed.
+
+FSDP2 is applied here, not by accelerate (`shard_model`, before the optimizer is built):
+fully_shard on every transformer block, then on the root, with an explicit MixedPrecisionPolicy —
+bf16 parameters in compute under train.precision=bf16, fp32 gradient reduction and fp32 master
+weights — identical on CPU and GPU. The tokenizer stage is refused under FSDP and DeepSpeed
+(`check_stage`); docs/DISTRIBUTED.md says why and what was checked where.
 """
 
 from __future__ import annotations
@@ -89,6 +96,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
             f"launcher's environment) but the config says train.grad_accum_steps={cfg.train.grad_accum_steps}; "
             "set it in the jetfm config only"
         )
+    check_stage(cfg, accelerator)
     if cfg.train.precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("train.precision=fp16 needs a GPU (loss scaling); use bf16 on CPU")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -186,6 +194,112 @@ def configure_deepspeed(accelerator: Accelerator, cfg: Config) -> list[str]:
     return notes
 
 
+def check_stage(cfg: Config, accelerator: Accelerator) -> None:
+    """Refuse the tokenizer stage under a sharded launcher (FSDP, DeepSpeed): it needs DDP.
+
+    The VQ-VAE edits its codebook outside the optimizer: the data-dependent initialisation and the
+    dead-code replacement write parameters in place on every process. Under FSDP2 those parameters
+    are DTensor shards (the edit fails or touches one shard), under ZeRO the optimizer's fp32
+    partitions overwrite the edit at the next step. The tokenizer is small (it fits on any single
+    device), so DDP loses nothing.
+    """
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if cfg.stage == "tokenizer" and not cfg.builder and sharded:
+        raise ConfigError(
+            f"stage tokenizer cannot run under {accelerator.distributed_type.value}: its codebook initialisation and "
+            "dead-code replacement edit the weights outside the optimizer, which sharded parameters undo. Train the "
+            "tokenizer with DDP (accelerate launch --config_file configs/accelerate/ddp.yaml ...); it fits on one device"
+        )
+
+
+# --------------------------------------------------------------------------- FSDP2
+#: Module classes that become their own FSDP2 unit: the transformer blocks of the backbone, of the
+#: pre-training heads (both `Block`) and of the fine-tuning class-attention head.
+BLOCK_CLASSES = ("jetfm.models.backbone:Block", "jetfm.finetune.model:ClassAttentionBlock")
+
+
+def _block_types() -> tuple[type, ...]:
+    import importlib
+
+    return tuple(getattr(importlib.import_module(m), name) for m, name in (p.split(":") for p in BLOCK_CLASSES))
+
+
+def fsdp_policy(precision: str):
+    """FSDP2's MixedPrecisionPolicy for train.precision: compute in bf16 (fp16) parameters, but
+    reduce gradients in fp32 and keep the sharded master weights (what AdamW updates) in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    compute = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32, output_dtype=None,
+                                cast_forward_inputs=True)
+
+
+def shard_blocks(model: nn.Module, precision: str, *, reshard_after_forward: bool = True, mesh=None) -> list[str]:
+    """fully_shard every transformer block, then the root; returns the blocks' module names.
+
+    One unit per block: a forward gathers one block's parameters at a time (and frees them after,
+    reshard_after_forward), so peak memory is the sharded model + one block, and the next block's
+    all-gather overlaps this one's compute. The root unit holds the rest (embeddings, norms,
+    vocabulary projections). Parameters must all be fp32 (master weights).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    policy = fsdp_policy(precision)
+    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, _block_types())]
+    for _, block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)  # the root is used again first in backward
+    return [name for name, _ in blocks]
+
+
+def shard_model(accelerator: Accelerator, model: nn.Module, cfg: Config) -> nn.Module:
+    """Under FSDP: `shard_blocks` with jetfm's policy (call before building the optimizer, which
+    must see the sharded parameters; accelerate.prepare then leaves the sharded model as it is).
+    Any other parallelism: the model unchanged."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return model
+    plugin = accelerator.state.fsdp_plugin
+    if getattr(plugin, "fsdp_version", 2) != 2:
+        raise ConfigError("jetfm supports FSDP2 only: set fsdp_version: 2 in the accelerate config")
+    if cfg.train.precision == "fp16":
+        raise ConfigError("train.precision=fp16 is not supported with FSDP (no sharded loss scaling); use bf16")
+    shard_blocks(model, cfg.train.precision, reshard_after_forward=bool(plugin.reshard_after_forward))
+    return model
+
+
+# --------------------------------------------------------------------------- export
+def full_state_dict(accelerator: Accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on every process, fp32 where the run keeps fp32 master weights
+    (collective: every process calls it).
+
+    - DeepSpeed (ZeRO 1-3): each parameter from the optimizer's fp32 partitions
+      (`safe_get_full_fp32_param`), so a bf16 run exports its master weights, not the bf16 copy,
+      and ZeRO-3 needs no `stage3_gather_16bit_weights_on_model_save`. Buffers are not partitioned.
+    - FSDP2: accelerate gathers the DTensor shards (the sharded parameters are the fp32 masters).
+    - replicated runs: the module's own state dict.
+    """
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module = accelerator.unwrap_model(model)
+        params = {id(p) for p in module.parameters()}
+        state = {}
+        for name, tensor in module.state_dict(keep_vars=True).items():  # the same order on every process
+            if id(tensor) in params:
+                full = safe_get_full_fp32_param(tensor)
+                if full is None and hasattr(tensor, "ds_id"):  # frozen under ZeRO-3: gather the 16-bit copy
+                    from deepspeed.zero import GatheredParameters
+
+                    with GatheredParameters([tensor]):
+                        full = tensor.detach().clone()
+                tensor = tensor.detach() if full is None else full  # frozen under ZeRO 1-2: the copy is whole
+            state[name] = tensor.detach().float().cpu() if tensor.is_floating_point() else tensor.detach().cpu()
+        return state
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return accelerator.get_state_dict(model)
+    return unwrap(accelerator, model).state_dict()
+
+
 def describe(accelerator: Accelerator) -> dict:
     """What this run actually runs on (recorded in summary.json; tests check it)."""
     info = {
@@ -243,7 +357,8 @@ def free_port() -> int:
 def launch_command(
     kind: str, num_processes: int, script_args: list[str], *, cpu: bool = True, port: int | None = None
 ) -> tuple[list[str], dict[str, str]]:
-    """(argv, extra environment) of `accelerate launch` for kind ddp | fsdp | deepspeed | single.
+    """(argv, extra environment) of `accelerate launch` for kind ddp | fsdp | deepspeed (ZeRO-2) |
+    deepspeed_zero3 | single.
 
     `single` runs the trainer as one plain process (no launcher). The argv uses this Python's
     accelerate, so it works from a virtual environment without activating it.
@@ -264,13 +379,14 @@ def launch_command(
         launch += ["--config_file", str(REPO / "configs" / "accelerate" / "fsdp.yaml")]
         if cpu:
             env["ACCELERATE_USE_CPU"] = "1"
-    elif kind == "deepspeed":
-        launch += ["--config_file", str(REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml"),
-                   "--deepspeed_config_file", str(REPO / "configs" / "deepspeed" / "zero2.json")]
+    elif kind in ("deepspeed", "deepspeed_zero3"):
+        stage = "zero3" if kind == "deepspeed_zero3" else "zero2"
+        launch += ["--config_file", str(REPO / "configs" / "accelerate" / f"deepspeed_{stage}.yaml"),
+                   "--deepspeed_config_file", str(REPO / "configs" / "deepspeed" / f"{stage}.json")]
         if cpu:
             env["DS_ACCELERATOR"] = "cpu"
     else:
-        raise ValueError(f"launch kind {kind!r}: expected single, ddp, fsdp or deepspeed")
+        raise ValueError(f"launch kind {kind!r}: expected single, ddp, fsdp, deepspeed or deepspeed_zero3")
     if cpu:
         env.setdefault("OMP_NUM_THREADS", "1")
     return launch + script, env

@@ -71,7 +71,7 @@ from jetfm.config import Config, ConfigError, describe_keys, flatten, load_confi
 from jetfm.data.format import DataError
 from jetfm.data.reader import make_loader
 from jetfm.data.shards import Manifest
-from jetfm.distributed import describe, make_accelerator, sync_replicas, unwrap
+from jetfm.distributed import describe, full_state_dict, make_accelerator, shard_model, sync_replicas, unwrap
 from jetfm.models.optim import build_optimizer
 from jetfm.tracking import start_tracking
 from jetfm.train_metrics import (Diverged, Window, format_summary, grad_norm_tensor, memory_gb,
@@ -219,8 +219,12 @@ def train(cfg: Config, resume: str | None = None) -> int:
     # ---- the trained model for the next stage: out_dir/final
     final_dir = None
     if status == "completed":
-        final_dir = export_final(run.accelerator, run.model, run.unwrapped, cfg, run.manifest, run.run_dir)
-        run.say(f"final model: {final_dir}")
+        final_dir, export_error = _guarded_export(export_final, run.accelerator, run.model, run.unwrapped, cfg,
+                                                  run.manifest, run.run_dir)
+        if export_error:
+            status, message, exit_code = "failed", export_error, EXIT_ERROR
+        else:
+            run.say(f"final model: {final_dir}")
 
     # ---- summary
     run.tracker.close({"completed": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
@@ -276,6 +280,7 @@ def setup(cfg: Config, resume: str | None) -> Run:
 
     # ---- model, optimizer (the stage's own parameter groups, if it has them), schedule
     model = stages.build_model(cfg, manifest)
+    model = shard_model(accelerator, model, cfg)  # FSDP2: per block, before the optimizer sees the parameters
     n_params = sum(p.numel() for p in model.parameters())
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)  # not the loaders
@@ -555,7 +560,7 @@ def export_final(accelerator, model, unwrapped, cfg: Config, manifest, run_dir: 
 
     final = run_dir / name
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        state = accelerator.get_state_dict(model)  # collective: full tensors on rank 0
+        state = full_state_dict(accelerator, model)  # collective: full (fp32 master) tensors
         if not accelerator.is_main_process:
             accelerator.wait_for_everyone()
             return final
@@ -569,6 +574,17 @@ def export_final(accelerator, model, unwrapped, cfg: Config, manifest, run_dir: 
         export_stage(stages.stage_exporter(cfg), module, cfg, final, note)
     accelerator.wait_for_everyone()
     return final
+
+
+def _guarded_export(export, *args) -> tuple[Path | None, str]:
+    """(directory, "") or (None, message): a failed export still lets the run close its MLflow run,
+    write summary.json and exit non-zero with the message (the last checkpoint stays usable)."""
+    try:
+        return export(*args), ""
+    except Exception as error:  # noqa: BLE001 - reported, and the exit status says it failed
+        message = f"export of the trained model failed: {type(error).__name__}: {error}"
+        print(f"jetfm: {message}", file=sys.stderr)
+        return None, message
 
 
 def _improves(value, best: dict | None, direction: str) -> bool:

@@ -122,7 +122,8 @@ class Backbone(nn.Module):
         if self.input_mode == "continuous":
             if x_TF is None:
                 raise ValueError("continuous input mode needs particle features")
-            return self.input_proj(x_TF)
+            # the weights' dtype: DeepSpeed bf16 casts the model itself (no autocast), the batch stays fp32
+            return self.input_proj(x_TF.to(self.input_proj.weight.dtype))
         if tokens_T is None:
             raise ValueError("token input mode needs token ids")
         return self.token_emb(tokens_T)
