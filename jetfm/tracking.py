@@ -17,10 +17,18 @@ warns once and training goes on: what could not be sent is appended to
 out_dir/mlflow_spill.jsonl, the server is retried every `tracking.retry_seconds`, and on
 recovery the spilled records are replayed into the run. If the process ends first, nothing is
 lost: the spill file holds it (`replay_spill(path, uri, run_id)` sends it later).
+
+The training thread never waits on the server: `run_id` is whatever is known now (None until
+the first connection succeeds), HTTP requests carry a short timeout and few retries
+(tracking.http_timeout / http_retries), and only `close` waits, at most its `timeout` — a stopped
+run passes a short one. Several jobs may share one new sqlite file: creating the store
+(MLflow's alembic migrations) and the experiment runs under an fcntl lock on `<file>.lock`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import queue
@@ -101,7 +109,6 @@ class Tracker(NullTracker):
         self.tags = dict(tags or {})
         self._run_id = run_id
         self.resumed_run_id = run_id
-        self._connect_tried = threading.Event()  # set once the first connection attempt is over
         self.flush_every = flush_every
         self.flush_seconds = flush_seconds
         self.retry_seconds = retry_seconds
@@ -109,6 +116,7 @@ class Tracker(NullTracker):
             # MLflow's defaults (120 s timeout, 7 retries with back-off) would hold the tracker for minutes
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(1, http_timeout))))
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(http_retries))
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")  # default 2: 2 s, 4 s, ... between tries
         self.online = False
         self.warnings: list[str] = []
         self._client = None
@@ -127,8 +135,8 @@ class Tracker(NullTracker):
     # ------------------------------------------------------------------ public (training thread)
     @property
     def run_id(self) -> str | None:
-        """The MLflow run id; waits (once, at most 60 s) for the first connection attempt to end."""
-        self._connect_tried.wait(60.0)
+        """The MLflow run id, or None while the server has not answered yet (never waits: a checkpoint
+        written before the first answer records None, the next ones the id)."""
         return self._run_id
 
     def log_config(self, cfg: Config) -> None:
@@ -205,8 +213,6 @@ class Tracker(NullTracker):
                 self._spill(job)
             finally:
                 self._done(job)
-                if job[0] == "connect":
-                    self._connect_tried.set()
 
     def _run(self, job) -> None:
         kind = job[0]
@@ -255,7 +261,18 @@ class Tracker(NullTracker):
         """Open the client, find or create experiment and run, then replay anything spilled."""
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=self.uri)
+        with store_lock(self.uri):  # a new sqlite file: one process creates its tables and the experiment
+            client = MlflowClient(tracking_uri=self.uri)
+            self._find_or_create_run(client)  # its first query creates (migrates) the store
+        self._client = client
+        if not self.online and self._down_since is not None:
+            print(f"[jetfm] MLflow at {self.uri} answers again after {time.monotonic() - self._down_since:.0f} s",
+                  file=sys.stderr)
+        self.online = True
+        self._down_since = None
+        self._replay()
+
+    def _find_or_create_run(self, client) -> None:
         if self._run_id is not None:
             try:
                 run = client.get_run(self._run_id)
@@ -280,13 +297,6 @@ class Tracker(NullTracker):
                 tags["jetfm.resumed_from_run"] = self.resumed_run_id
             run = client.create_run(experiment_id, run_name=self.run_name, tags=tags)
             self._run_id = run.info.run_id
-        self._client = client
-        if not self.online and self._down_since is not None:
-            print(f"[jetfm] MLflow at {self.uri} answers again after {time.monotonic() - self._down_since:.0f} s",
-                  file=sys.stderr)
-        self.online = True
-        self._down_since = None
-        self._replay()
 
     def _outage(self, error: BaseException) -> None:
         if self.online or self._down_since is None:
@@ -385,6 +395,47 @@ def replay_spill(path: Path, uri: str | None = None, run_id: str | None = None, 
 #: MLflow error codes that are an answer from a working server, not an outage.
 _ANSWERS = {"RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_PARAMETER_VALUE", "BAD_REQUEST",
             "INVALID_STATE", "NOT_FOUND", "PERMISSION_DENIED", "UNAUTHENTICATED", "MALFORMED_REQUEST"}
+
+
+@contextlib.contextmanager
+def store_lock(uri: str, timeout: float = 60.0):
+    """Hold an exclusive fcntl lock on `<sqlite file>.lock` (other URIs: nothing to lock).
+
+    Two jobs that open the same new sqlite store at once both run MLflow's alembic migrations and
+    one fails ("table ... already exists"), or both create the experiment; under the lock the
+    second finds the finished store. After `timeout` s it goes on unlocked (a holder that hangs
+    must not stop tracking for good).
+    """
+    path = _sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        deadline = time.monotonic() + timeout
+        locked = False
+        while not locked:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    return Path(database).resolve() if database and database != ":memory:" else None
 
 
 def _is_outage(error: BaseException) -> bool:
