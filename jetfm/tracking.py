@@ -19,7 +19,8 @@ recovery the spilled records are replayed into the run. If the process ends firs
 lost: the spill file holds it (`replay_spill(path, uri, run_id)` sends it later).
 
 The training thread never waits on the server: `run_id` is whatever is known now (None until
-the first connection succeeds), HTTP requests carry a short timeout and few retries
+the first connection succeeds; checkpoints also record `run_key`, a tag set when the run is
+created, by which a resumed run finds its MLflow run when the id was not known yet), HTTP requests carry a short timeout and few retries
 (tracking.http_timeout / http_retries), and only `close` waits, at most its `timeout` — a stopped
 run passes a short one. Several jobs may share one new sqlite file: creating the store
 (MLflow's alembic migrations) and the experiment runs under an fcntl lock on `<file>.lock`.
@@ -35,12 +36,14 @@ import queue
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from jetfm.config import Config, config_to_dict, flatten
 
 SPILL_FILE = "mlflow_spill.jsonl"
+RUN_KEY_TAG = "jetfm.run_key"
 _MAX_METRICS = 1000  # MLflow log_batch limits
 _MAX_PARAMS = 100
 _MAX_PARAM_LENGTH = 6000
@@ -64,6 +67,7 @@ class NullTracker:
 
     run_id: str | None = None
     uri: str | None = None
+    run_key: str | None = None
     online = False
 
     def log_config(self, cfg: Config) -> None:
@@ -94,6 +98,7 @@ class Tracker(NullTracker):
         run_name: str | None = None,
         tags: dict[str, str] | None = None,
         run_id: str | None = None,
+        run_key: str | None = None,
         flush_every: int = 50,
         flush_seconds: float = 30.0,
         retry_seconds: float = 60.0,
@@ -109,6 +114,11 @@ class Tracker(NullTracker):
         self.tags = dict(tags or {})
         self._run_id = run_id
         self.resumed_run_id = run_id
+        # known without the server, so every checkpoint can name the run: a run resumed from a
+        # checkpoint written before the server first answered (run id None) finds its run by this tag
+        self.resumed_run_key = run_key
+        self.run_key = run_key or uuid.uuid4().hex
+        self.tags.setdefault(RUN_KEY_TAG, self.run_key)
         self.flush_every = flush_every
         self.flush_seconds = flush_seconds
         self.retry_seconds = retry_seconds
@@ -285,6 +295,14 @@ class Tracker(NullTracker):
                 self._run_id = None
         if self._run_id is None:
             experiment = client.get_experiment_by_name(self.experiment)
+            if experiment is not None and self.resumed_run_key:
+                found = client.search_runs([experiment.experiment_id], max_results=1,
+                                           filter_string=f"tags.`{RUN_KEY_TAG}` = '{self.resumed_run_key}'")
+                if found:
+                    self._run_id = found[0].info.run_id
+                    if found[0].info.status != "RUNNING":
+                        client.update_run(self._run_id, status="RUNNING")
+                    return
             if experiment is None:
                 location = None
                 if self.uri.startswith("sqlite:"):  # keep artifacts beside the database, not in ./mlruns
@@ -448,7 +466,8 @@ def _param_value(value: Any) -> str:
     return text[:_MAX_PARAM_LENGTH]
 
 
-def start_tracking(cfg: Config, *, is_main: bool, run_id: str | None = None) -> NullTracker:
+def start_tracking(cfg: Config, *, is_main: bool, run_id: str | None = None,
+                   run_key: str | None = None) -> NullTracker:
     """Rank 0 with tracking on: a Tracker (connecting in the background); else a NullTracker."""
     if not is_main or not cfg.tracking.enabled:
         return NullTracker()
@@ -460,6 +479,7 @@ def start_tracking(cfg: Config, *, is_main: bool, run_id: str | None = None) -> 
         run_name=t.run_name or cfg.name,
         tags={"jetfm.stage": cfg.stage, **t.tags},
         run_id=run_id,
+        run_key=run_key,
         flush_every=t.flush_every,
         flush_seconds=t.flush_seconds,
         retry_seconds=t.retry_seconds,

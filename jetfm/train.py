@@ -204,7 +204,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
     best: dict | None = trainer_state.get("best")
 
     # ---- tracking (rank 0; the same MLflow run when resuming)
-    tracker = start_tracking(cfg, is_main=is_main, run_id=trainer_state.get("mlflow_run_id"))
+    tracker = start_tracking(cfg, is_main=is_main, run_id=trainer_state.get("mlflow_run_id"),
+                             run_key=trainer_state.get("mlflow_run_key"))
     tracker.log_config(cfg)
     tracker.set_tags({"jetfm.distributed_type": info["distributed_type"], "jetfm.num_processes": str(world),
                       "jetfm.parameters": str(n_params)})
@@ -237,7 +238,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
             "loader": gather_object([train_loader.state_dict()]),  # one per rank, rank order
             "world_size": world,
             "distributed": info,
-            "mlflow_run_id": tracker.run_id,
+            "mlflow_run_id": tracker.run_id,  # None until the server first answers (never waited for) ...
+            "mlflow_run_key": tracker.run_key,  # ... then the resumed run finds its MLflow run by this tag
             "mlflow_uri": tracker.uri,
             "metrics": {"train": last_train, "val": last_val},
             "best": best,

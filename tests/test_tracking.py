@@ -258,3 +258,26 @@ def test_two_jobs_creating_one_sqlite_store_both_get_their_runs(tmp_path):
         assert run.info.run_name == f"job{j}" and run.info.status == "FINISHED"
         assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == [1, 2, 3]
         assert not (tmp_path / f"job{j}" / SPILL_FILE).exists()
+
+
+def test_a_resume_without_the_run_id_finds_the_run_by_its_key(tmp_path):
+    """A checkpoint written before the server first answered holds no run id, only the run key."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = Tracker(uri, tmp_path / "a", run_name="keyed")
+    key = first.run_key  # known at once: a checkpoint records it before any answer
+    first.log_metrics({"train/loss": 1.0}, 1)
+    first.close("KILLED")
+    resumed = Tracker(uri, tmp_path / "a", run_id=None, run_key=key)
+    resumed.log_metrics({"train/loss": 2.0}, 2)
+    resumed.close("FINISHED")
+    assert resumed.run_id == first.run_id and resumed.run_key == key
+    assert not first.warnings and not resumed.warnings, (first.warnings, resumed.warnings)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(first.run_id, "train/loss")) == [1, 2]
+    other = Tracker(uri, tmp_path / "b")  # a new run gets a new key and a new MLflow run
+    other.close("FINISHED")
+    assert other.run_key != key and other.run_id != first.run_id
