@@ -20,10 +20,11 @@ lost: the spill file holds it (`replay_spill(path, uri, run_id)` sends it later)
 
 The training thread never waits on the server: `run_id` is whatever is known now (None until
 the first connection succeeds; checkpoints also record `run_key`, a tag set when the run is
-created, by which a resumed run finds its MLflow run when the id was not known yet), HTTP requests carry a short timeout and few retries
-(tracking.http_timeout / http_retries), and only `close` waits, at most its `timeout` — a stopped
-run passes a short one. Several jobs may share one new sqlite file: creating the store
-(MLflow's alembic migrations) and the experiment runs under an fcntl lock on `<file>.lock`.
+created, by which a resumed run finds its MLflow run when the id was not known yet). HTTP
+requests carry a short timeout and few retries (tracking.http_timeout / http_retries); only
+`close` waits, at most its `timeout`, and a stopped run passes a short one. Several jobs may
+share one new sqlite file: creating the store (MLflow's alembic migrations) and the experiment
+runs under an fcntl lock on `<file>.lock`.
 """
 
 from __future__ import annotations

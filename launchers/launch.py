@@ -27,6 +27,8 @@ import runpy
 import signal
 import sys
 
+import psutil  # a dependency of accelerate; imported here, never inside the signal handler
+
 LAUNCHERS = {"accelerate": "accelerate.commands.launch", "torchrun": "torch.distributed.run"}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -38,8 +40,6 @@ class Forwarder:
         self.received = 0
 
     def __call__(self, signum, frame) -> None:
-        import psutil  # a dependency of accelerate
-
         self.received += 1
         children = psutil.Process().children()
         if self.received == 1:
