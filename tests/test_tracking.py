@@ -227,8 +227,10 @@ import sys, time
 from pathlib import Path
 import mlflow.tracking  # imported before the start line: both processes open the store together
 from jetfm.tracking import Tracker
-uri, out, start = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
-while time.time() < start:
+uri, out, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+out.mkdir(parents=True)
+(out / "ready").touch()
+while not go.exists():
     time.sleep(0.001)
 tracker = Tracker(uri, out, run_name=out.name, flush_every=1, retry_seconds=3600)
 for step in range(1, 4):
@@ -242,10 +244,15 @@ print(tracker.run_id)
 def test_two_jobs_creating_one_sqlite_store_both_get_their_runs(tmp_path):
     """Without the lock around store creation one of the two lost its run (alembic migration race)."""
     uri = f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}"
-    start = time.time() + 6  # both past their imports, then released at the same instant
-    procs = [subprocess.Popen([sys.executable, "-c", RACE_SCRIPT, uri, str(tmp_path / f"job{j}"), str(start)],
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", RACE_SCRIPT, uri, str(tmp_path / f"job{j}"), str(go)],
                               env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for j in (1, 2)]
+    deadline = time.time() + 120
+    while not all((tmp_path / f"job{j}" / "ready").exists() for j in (1, 2)) and time.time() < deadline:
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.01)
+    go.touch()  # both past their imports: released at the same instant
     outputs = [p.communicate(timeout=120) for p in procs]
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
