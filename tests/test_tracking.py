@@ -288,3 +288,36 @@ def test_a_resume_without_the_run_id_finds_the_run_by_its_key(tmp_path):
     other = Tracker(uri, tmp_path / "b")  # a new run gets a new key and a new MLflow run
     other.close("FINISHED")
     assert other.run_key != key and other.run_id != first.run_id
+
+
+def test_sigterm_stop_never_waits_on_a_silent_server(tmp_path, tiny_data, silent_server_uri):
+    """Requests hang 60 s; a SIGTERM still ends in a checkpoint and exit 0 within seconds (the old close waited 30 s)."""
+    import signal
+
+    from test_trainer import REPO
+
+    config = tiny_config(tmp_path, tiny_data, train={"max_steps": 100000, "checkpoint_every": 0},
+                         tracking={"enabled": True, "uri": silent_server_uri, "flush_every": 1})
+    log = open(tmp_path / "stop.log", "w+")
+    proc = subprocess.Popen([sys.executable, str(REPO / "jetfm" / "train.py"), "--config", str(config)],
+                            env=subprocess_env({"MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+                                                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}),
+                            stdout=log, stderr=subprocess.STDOUT)
+    metrics = tmp_path / "tiny" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        assert proc.poll() is None, (tmp_path / "stop.log").read_text()[-3000:]
+        time.sleep(0.05)
+    signalled = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    stop_seconds = time.perf_counter() - signalled
+    out = (tmp_path / "stop.log").read_text()
+    assert proc.returncode == 0, out[-3000:]
+    assert stop_seconds < 15, (stop_seconds, out[-2000:])
+    summary = json.loads((tmp_path / "tiny" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["mlflow"]["run_id"] is None
+    assert (tmp_path / "tiny" / "checkpoints" / f"step-{summary['steps']:06d}" / "trainer_state.json").is_file()
+    assert "did not answer within 1 s" in out  # the unsent records went to the spill file
+    assert len(spilled(tmp_path / "tiny", "train/loss")) >= 1
+    print(f"SIGTERM to exit with a silent tracking server: {stop_seconds:.1f} s")
