@@ -17,22 +17,34 @@ warns once and training goes on: what could not be sent is appended to
 out_dir/mlflow_spill.jsonl, the server is retried every `tracking.retry_seconds`, and on
 recovery the spilled records are replayed into the run. If the process ends first, nothing is
 lost: the spill file holds it (`replay_spill(path, uri, run_id)` sends it later).
+
+The training thread never waits on the server: `run_id` is whatever is known now (None until
+the first connection succeeds; checkpoints also record `run_key`, a tag set when the run is
+created, by which a resumed run finds its MLflow run when the id was not known yet). HTTP
+requests carry a short timeout and few retries (tracking.http_timeout / http_retries); only
+`close` waits, at most its `timeout`, and a stopped run passes a short one. Several jobs may
+share one new sqlite file: creating the store (MLflow's alembic migrations) and the experiment
+runs under an fcntl lock on `<file>.lock`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import queue
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from jetfm.config import Config, config_to_dict, flatten
 
 SPILL_FILE = "mlflow_spill.jsonl"
+RUN_KEY_TAG = "jetfm.run_key"
 _MAX_METRICS = 1000  # MLflow log_batch limits
 _MAX_PARAMS = 100
 _MAX_PARAM_LENGTH = 6000
@@ -56,6 +68,7 @@ class NullTracker:
 
     run_id: str | None = None
     uri: str | None = None
+    run_key: str | None = None
     online = False
 
     def log_config(self, cfg: Config) -> None:
@@ -86,6 +99,7 @@ class Tracker(NullTracker):
         run_name: str | None = None,
         tags: dict[str, str] | None = None,
         run_id: str | None = None,
+        run_key: str | None = None,
         flush_every: int = 50,
         flush_seconds: float = 30.0,
         retry_seconds: float = 60.0,
@@ -101,7 +115,11 @@ class Tracker(NullTracker):
         self.tags = dict(tags or {})
         self._run_id = run_id
         self.resumed_run_id = run_id
-        self._connect_tried = threading.Event()  # set once the first connection attempt is over
+        # known without the server, so every checkpoint can name the run: a run resumed from a
+        # checkpoint written before the server first answered (run id None) finds its run by this tag
+        self.resumed_run_key = run_key
+        self.run_key = run_key or uuid.uuid4().hex
+        self.tags.setdefault(RUN_KEY_TAG, self.run_key)
         self.flush_every = flush_every
         self.flush_seconds = flush_seconds
         self.retry_seconds = retry_seconds
@@ -109,6 +127,7 @@ class Tracker(NullTracker):
             # MLflow's defaults (120 s timeout, 7 retries with back-off) would hold the tracker for minutes
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(1, http_timeout))))
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(http_retries))
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")  # default 2: 2 s, 4 s, ... between tries
         self.online = False
         self.warnings: list[str] = []
         self._client = None
@@ -127,8 +146,8 @@ class Tracker(NullTracker):
     # ------------------------------------------------------------------ public (training thread)
     @property
     def run_id(self) -> str | None:
-        """The MLflow run id; waits (once, at most 60 s) for the first connection attempt to end."""
-        self._connect_tried.wait(60.0)
+        """The MLflow run id, or None while the server has not answered yet (never waits: a checkpoint
+        written before the first answer records None, the next ones the id)."""
         return self._run_id
 
     def log_config(self, cfg: Config) -> None:
@@ -205,8 +224,6 @@ class Tracker(NullTracker):
                 self._spill(job)
             finally:
                 self._done(job)
-                if job[0] == "connect":
-                    self._connect_tried.set()
 
     def _run(self, job) -> None:
         kind = job[0]
@@ -255,7 +272,18 @@ class Tracker(NullTracker):
         """Open the client, find or create experiment and run, then replay anything spilled."""
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=self.uri)
+        with store_lock(self.uri):  # a new sqlite file: one process creates its tables and the experiment
+            client = MlflowClient(tracking_uri=self.uri)
+            self._find_or_create_run(client)  # its first query creates (migrates) the store
+        self._client = client
+        if not self.online and self._down_since is not None:
+            print(f"[jetfm] MLflow at {self.uri} answers again after {time.monotonic() - self._down_since:.0f} s",
+                  file=sys.stderr)
+        self.online = True
+        self._down_since = None
+        self._replay()
+
+    def _find_or_create_run(self, client) -> None:
         if self._run_id is not None:
             try:
                 run = client.get_run(self._run_id)
@@ -268,6 +296,14 @@ class Tracker(NullTracker):
                 self._run_id = None
         if self._run_id is None:
             experiment = client.get_experiment_by_name(self.experiment)
+            if experiment is not None and self.resumed_run_key:
+                found = client.search_runs([experiment.experiment_id], max_results=1,
+                                           filter_string=f"tags.`{RUN_KEY_TAG}` = '{self.resumed_run_key}'")
+                if found:
+                    self._run_id = found[0].info.run_id
+                    if found[0].info.status != "RUNNING":
+                        client.update_run(self._run_id, status="RUNNING")
+                    return
             if experiment is None:
                 location = None
                 if self.uri.startswith("sqlite:"):  # keep artifacts beside the database, not in ./mlruns
@@ -280,13 +316,6 @@ class Tracker(NullTracker):
                 tags["jetfm.resumed_from_run"] = self.resumed_run_id
             run = client.create_run(experiment_id, run_name=self.run_name, tags=tags)
             self._run_id = run.info.run_id
-        self._client = client
-        if not self.online and self._down_since is not None:
-            print(f"[jetfm] MLflow at {self.uri} answers again after {time.monotonic() - self._down_since:.0f} s",
-                  file=sys.stderr)
-        self.online = True
-        self._down_since = None
-        self._replay()
 
     def _outage(self, error: BaseException) -> None:
         if self.online or self._down_since is None:
@@ -387,6 +416,47 @@ _ANSWERS = {"RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_PARAM
             "INVALID_STATE", "NOT_FOUND", "PERMISSION_DENIED", "UNAUTHENTICATED", "MALFORMED_REQUEST"}
 
 
+@contextlib.contextmanager
+def store_lock(uri: str, timeout: float = 60.0):
+    """Hold an exclusive fcntl lock on `<sqlite file>.lock` (other URIs: nothing to lock).
+
+    Two jobs that open the same new sqlite store at once both run MLflow's alembic migrations and
+    one fails ("table ... already exists"), or both create the experiment; under the lock the
+    second finds the finished store. After `timeout` s it goes on unlocked (a holder that hangs
+    must not stop tracking for good).
+    """
+    path = _sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        deadline = time.monotonic() + timeout
+        locked = False
+        while not locked:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    return Path(database).resolve() if database and database != ":memory:" else None
+
+
 def _is_outage(error: BaseException) -> bool:
     """Connection-level failures (refused, timeout, 5xx, database unavailable) vs. answers like 'no such run'."""
     return getattr(error, "error_code", None) not in _ANSWERS
@@ -397,7 +467,8 @@ def _param_value(value: Any) -> str:
     return text[:_MAX_PARAM_LENGTH]
 
 
-def start_tracking(cfg: Config, *, is_main: bool, run_id: str | None = None) -> NullTracker:
+def start_tracking(cfg: Config, *, is_main: bool, run_id: str | None = None,
+                   run_key: str | None = None) -> NullTracker:
     """Rank 0 with tracking on: a Tracker (connecting in the background); else a NullTracker."""
     if not is_main or not cfg.tracking.enabled:
         return NullTracker()
@@ -409,6 +480,7 @@ def start_tracking(cfg: Config, *, is_main: bool, run_id: str | None = None) -> 
         run_name=t.run_name or cfg.name,
         tags={"jetfm.stage": cfg.stage, **t.tags},
         run_id=run_id,
+        run_key=run_key,
         flush_every=t.flush_every,
         flush_seconds=t.flush_seconds,
         retry_seconds=t.retry_seconds,

@@ -78,6 +78,7 @@ from jetfm.train_metrics import (Diverged, Window, format_summary, grad_norm_ten
                                  nonfinite_now, write_summary)
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_DIVERGED = 0, 1, 2, 3
+STOP_TRACKER_TIMEOUT = 1.0  # seconds a stopped run gives MLflow to take its last records (the rest is spilled)
 
 
 # --------------------------------------------------------------------------- command line
@@ -227,7 +228,9 @@ def train(cfg: Config, resume: str | None = None) -> int:
             run.say(f"final model: {final_dir}")
 
     # ---- summary
-    run.tracker.close({"completed": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
+    # a stopped run never waits on the tracker (a pre-emption grace period is short): unsent records are spilled
+    run.tracker.close({"completed": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"),
+                      timeout=STOP_TRACKER_TIMEOUT if status == "interrupted" else 30.0)
     summary = summarize(run, status, message, final_dir)
     write_summary(run.run_dir, run.is_main, summary)
     run.say(format_summary(summary))
@@ -305,7 +308,8 @@ def setup(cfg: Config, resume: str | None) -> Run:
         _note_config_changes(say, checkpoint_dir, cfg)
 
     # ---- tracking (rank 0; the same MLflow run when resuming)
-    tracker = start_tracking(cfg, is_main=is_main, run_id=trainer_state.get("mlflow_run_id"))
+    tracker = start_tracking(cfg, is_main=is_main, run_id=trainer_state.get("mlflow_run_id"),
+                             run_key=trainer_state.get("mlflow_run_key"))
     tracker.log_config(cfg)
     tracker.set_tags({"jetfm.distributed_type": info["distributed_type"], "jetfm.num_processes": str(world),
                       "jetfm.parameters": str(n_params)})
@@ -369,8 +373,10 @@ def train_loop(run: Run, stop: StopSignals, bar) -> tuple[str, str]:
         if checkpoint:
             write_checkpoint(run)
         if stopping:
-            return "interrupted", (f"stopped by {stop.received or 'a signal on another rank'} at step {step}; "
-                                   "resume with --resume")
+            message = f"stopped by {stop.received or 'a signal on another rank'} at step {step}; resume with --resume"
+            if stop.absorbed:
+                message += f" ({stop.absorbed} repeated signal(s) absorbed)"
+            return "interrupted", message
     return "completed", ""
 
 
@@ -479,7 +485,8 @@ def write_checkpoint(run: Run) -> None:
         "loader": gather_object([run.train_loader.state_dict()]),  # one per rank, rank order
         "world_size": run.world,
         "distributed": run.info,
-        "mlflow_run_id": run.tracker.run_id,
+        "mlflow_run_id": run.tracker.run_id,  # None until the server first answers (never waited for) ...
+        "mlflow_run_key": run.tracker.run_key,  # ... then the resumed run finds its MLflow run by this tag
         "mlflow_uri": run.tracker.uri,
         "metrics": {"train": run.last_train, "val": run.last_val},
         "best": run.best,
@@ -597,28 +604,55 @@ def _improves(value, best: dict | None, direction: str) -> bool:
 
 
 class StopSignals:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints and exits. A second signal acts at once."""
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and exits 0.
+
+    Signals after the first are absorbed: a pre-empted job gets SIGTERM several times (SLURM
+    signals every process of the step, the launcher forwards its own copy, the batch script
+    forwards the time-limit warning), and a repeat must not kill a process that is writing the
+    checkpoint. Once stopped, the process keeps ignoring them until it exits (restore() turns a
+    default, fatal disposition into "ignore"); SIGKILL still aborts at once.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.received: str | None = None
+        self.absorbed = 0  # signals after the first
         self._previous: dict = {}
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-        print(f"\n[jetfm] {self.received}: finishing this step, writing a checkpoint, then exiting "
-              "(send it again to abort at once)", file=sys.stderr, flush=True)
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            self.absorbed += 1
+            if self.absorbed == 1:
+                _signal_note(f"[jetfm] {name} again: already stopping, absorbed until the checkpoint is written and "
+                             "the process exits (SIGKILL aborts)")
+            return
+        self.received = name
+        _signal_note(f"\n[jetfm] {name}: finishing this step, writing a checkpoint, then exiting (further signals "
+                     "are absorbed)")
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
+            if self.received is not None and handler in (signal.SIG_DFL, None):
+                handler = signal.SIG_IGN  # on its way out: a repeated pre-emption signal must not make it a crash
             signal.signal(sig, handler)
         self._previous = {}
+
+
+def _signal_note(text: str) -> None:
+    """Write from a signal handler: os.write, because print() into a stderr write that the signal
+    interrupted raises "reentrant call" inside the training loop."""
+    try:
+        os.write(2, (text + "\n").encode())
+    except (OSError, ValueError):
+        pass
 
 
 def _batches(loader):

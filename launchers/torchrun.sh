@@ -10,10 +10,11 @@
 # torchrun gives plain DDP: jetfm's Accelerator reads RANK/WORLD_SIZE/LOCAL_RANK from it.
 # For FSDP2 or DeepSpeed use accelerate launch with configs/accelerate/*.yaml (or slurm.sh).
 # On CPU-only machines export ACCELERATE_USE_CPU=1 (the trainer refuses to run N lone copies).
+# SIGTERM or Ctrl-C: the trainers finish their step, write a checkpoint and exit 0 (resume with --resume).
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
-    sed -n '2,14p' "$0"
+    sed -n '2,15p' "$0"
     exit 2
 fi
 CONFIG=$1
@@ -36,6 +37,7 @@ else
 fi
 
 cd "$REPO"
-exec "$PYTHON" -m torch.distributed.run \
+# launch.py: a SIGTERM/SIGINT (repeated or not) makes the trainers checkpoint, and the launcher exit 0
+exec "$PYTHON" launchers/launch.py torchrun \
     --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" "${RDZV[@]}" \
     jetfm/train.py --config "$CONFIG" "$@"
