@@ -53,6 +53,7 @@ from jetfm import stages
 from jetfm.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 from jetfm.config import Config, ConfigError, OptimConfig, describe_keys, flatten, load_config, load_yaml
 from jetfm.distributed import describe, make_accelerator, sync_replicas, unwrap
+from jetfm.estimate import long_run_warning
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_DIVERGED = 0, 1, 2, 3
 
@@ -156,15 +157,13 @@ def train(cfg: Config, resume: str | None = None) -> int:
     train_loader = make_loader(cfg.data, cfg.data.train_split, rank=rank, world_size=world, seed=cfg.seed,
                                shuffle=True, drop_uneven=True, require_tokens=require_tokens)
     if train_loader.batches_per_epoch() == 0:
-        raise ConfigError(f"split {cfg.data.train_split!r} of {cfg.data.path} holds fewer jets than one batch per "
-                          f"process ({cfg.data.batch_size} x {world}); lower data.batch_size")
+        raise ConfigError(train_loader.dataset.shortfall())
     val_loader = val_start = None
     if cfg.train.eval_every:
         val_loader = make_loader(cfg.data, cfg.data.val_split, rank=rank, world_size=world, seed=cfg.seed,
                                  shuffle=False, drop_uneven=True, require_tokens=require_tokens)
         if val_loader.batches_per_epoch() == 0:
-            raise ConfigError(f"split {cfg.data.val_split!r} holds fewer jets than one batch per process; lower "
-                              "data.batch_size or set train.eval_every=0")
+            raise ConfigError(val_loader.dataset.shortfall() + " (or set train.eval_every=0)")
         val_start = val_loader.state_dict()  # every validation reads the same batches
 
     # ---- model, optimizer, schedule
@@ -303,6 +302,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
             if hook_metrics is not None:
                 sync_replicas(accelerator, unwrapped)  # the hook edited weights: replicas must agree
             step_time = time.perf_counter() - t0
+            if step == start_step + 1 and (warning := long_run_warning(cfg.name, step_time, cfg.train.max_steps - step)):
+                say(warning)
             jets_total += step_jets
             train_time_total += step_time
             window.add(loss_value, metric_sums, accum, grad_norm, step_jets, step_particles, step_time)
@@ -665,7 +666,7 @@ def _format_summary(s: dict) -> str:
     rows = [
         ("status", f"{s['status']}" + (f" — {s['message']}" if s.get("message") else "")),
         ("steps", f"{s['steps']} / {s['max_steps']} ({s['epoch']} epochs)"),
-        ("train loss", f"{train.get('train/loss', float('nan')):.4g}"),
+        ("train loss", f"{train['train/loss']:.4g}" if "train/loss" in train else "- (before the first log step)"),
         ("val", ", ".join(f"{k} {v:.4g}" for k, v in list(val.items())[:4]) or "-"),
         ("throughput", f"{s['mean_jets_per_s']:,.0f} jets/s" if s.get("mean_jets_per_s") else "-"),
         ("time", f"{s['wall_time_s']:.1f} s wall, {s['train_time_s']:.1f} s in steps"),

@@ -506,7 +506,9 @@ def generate_dataset(
         manifest.save(out_dir)
 
     with tqdm(total=total, initial=total - remaining, unit="jet", desc=f"generate {preset}",
-              disable=not progress, smoothing=0.05, dynamic_ncols=True) as bar:
+              disable=not progress, smoothing=0, dynamic_ncols=True) as bar:
+        # smoothing=0: the ETA from the mean rate; a moving average kept the first, slow update
+        # (Pythia start-up before any jet) for minutes and showed an ETA of hours
         if workers == 1 or len(tasks) <= 1:
             for task in tasks:
                 finish(run_unit(task, bar.update))
@@ -593,7 +595,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="parallel generator processes (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="master seed; every unit and class derives its own")
     parser.add_argument("--jets-per-shard", type=int, default=None,
-                        help="jets per class in one shard (= one work unit); default min(1000, split size)")
+                        help="jets per class in one shard (= one work unit); default: a quarter of the smallest "
+                             "split, at most 1000, so every split has >= 4 shards for 2 processes x 2 loader workers")
     parser.add_argument("--chunk-size", type=int, default=1000, help="jets per tar entry (default 1000)")
     parser.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", default=[],
                         help="override a preset setting (repeatable; see below)")
@@ -606,6 +609,8 @@ def run_generate(args: argparse.Namespace) -> int:
         overrides = parse_assignments(args.overrides)
         counts = {"train": args.train, "val": args.val, "test": args.test}
         counts = {split: n for split, n in counts.items() if n > 0}
+        if args.jets_per_shard is None and counts:  # a shard per consumer: a split of one shard cannot feed 2 ranks
+            args.jets_per_shard = min(1000, max(1, -(-min(counts.values()) // 4)))
         if args.dry_run:
             settings = resolve_settings(args.preset, overrides)
             units = plan_units(counts, args.jets_per_shard)
