@@ -52,7 +52,7 @@ from jetfm.models.pretrain import build_pretrain_model  # noqa: E402
 from jetfm.objectives import mask_particles, mask_ranks, masked_count  # noqa: E402
 
 SIZES = {
-    "ref": dict(dim=128, num_heads=8, num_blocks=8),  # SCIENCE.md §3
+    "ref": dict(dim=128, num_heads=8, num_blocks=8),  # docs/METHOD.md §3
     "large": dict(dim=256, num_heads=8, num_blocks=12),
 }
 PEAK_FLOPS = {("H200", "bf16"): 989e12, ("H100", "bf16"): 989e12}

@@ -42,7 +42,7 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------- sections
 def reference_features() -> dict[str, dict]:
-    """The reference model inputs of SCIENCE.md §1 (`data.features` default)."""
+    """The reference model inputs of docs/METHOD.md §1 (`data.features` default)."""
     return {
         "part_pt": {"function": "signed_log", "subtract": 1.8, "multiply": 1.0},
         "part_etarel": {"function": "none", "subtract": 0.0, "multiply": 3.0},
@@ -75,7 +75,7 @@ class DataConfig:
 
     features: dict[str, dict[str, Any]] = field(default_factory=reference_features)
     """Model inputs in order: name -> {function: none|log|signed_log, subtract, multiply};
-    model value = (function(raw) - subtract) * multiply (SCIENCE.md §1). A YAML `features:`
+    model value = (function(raw) - subtract) * multiply (docs/METHOD.md §1). A YAML `features:`
     mapping replaces the default set; missing entries of a feature take the transform defaults
     (function none, subtract 0, multiply 1)."""
 
