@@ -133,11 +133,12 @@ def bench_convert(tmp: Path, jets: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["read", "generate", "convert"], action="append")
-    parser.add_argument("--read-jets", type=int, default=200_000)
-    parser.add_argument("--generate-jets", type=int, default=400)
-    parser.add_argument("--convert-jets", type=int, default=50_000)
-    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--only", choices=["read", "generate", "convert"], action="append",
+                        help="run only this part (repeatable; default all three)")
+    parser.add_argument("--read-jets", type=int, default=200_000, help="synthetic jets written and read back (default 200000)")
+    parser.add_argument("--generate-jets", type=int, default=400, help="jets generated with Pythia 8 (default 400)")
+    parser.add_argument("--convert-jets", type=int, default=50_000, help="jets converted from synthetic ROOT/HDF5 files (default 50000)")
+    parser.add_argument("--batch-size", type=int, default=250, help="jets per batch when reading (default 250)")
     args = parser.parse_args()
     parts = args.only or ["read", "generate", "convert"]
     import torch

@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=3, help="timed runs of the cached path (median)")
     parser.add_argument("--ref-iters", type=int, default=1, help="timed runs of the recompute path (0 skips it)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up runs per configuration")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:

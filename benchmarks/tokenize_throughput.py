@@ -95,12 +95,14 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", default=None, help="trained tokenizer directory (default: reference config, random weights)")
     parser.add_argument("--data", default=None, help="shard set to take jets from (default: synthetic multiplicities)")
     parser.add_argument("--jets", type=int, default=2000, help="jets per timed pass (default 2000)")
-    parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--mean-particles", type=float, default=65.0)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=500, help="jets per encoder batch (default 500)")
+    parser.add_argument("--mean-particles", type=float, default=65.0,
+                        help="mean multiplicity of the synthetic jets (Poisson, default 65; ignored with --data)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per measurement (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: shared machines)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--skip-incremental", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--skip-incremental", action="store_true",
+                        help="skip the particle-by-particle (KV-cached) decoder measurement")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)

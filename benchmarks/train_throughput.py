@@ -52,7 +52,7 @@ from jetfm.models.pretrain import build_pretrain_model  # noqa: E402
 from jetfm.models.objectives import mask_particles, mask_ranks, masked_count  # noqa: E402
 
 SIZES = {
-    "ref": dict(dim=128, num_heads=8, num_blocks=8),  # SCIENCE.md §3
+    "ref": dict(dim=128, num_heads=8, num_blocks=8),  # docs/METHOD.md §3
     "large": dict(dim=256, num_heads=8, num_blocks=12),
 }
 PEAK_FLOPS = {("H200", "bf16"): 989e12, ("H100", "bf16"): 989e12}
@@ -312,19 +312,19 @@ def hardware(device: torch.device, threads: int) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="ref,large", help=f"comma list of {list(SIZES)}")
-    p.add_argument("--impls", default="packed,padded")
-    p.add_argument("--dtypes", default="fp32,bf16")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--impls", default="packed,padded", help="comma list of packed (varlen) and padded (masked) batches")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32 and bf16 (autocast)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda if present)")
     p.add_argument("--attention", default="auto", help="packed model's backend: auto (flash on CUDA when importable) | sdpa | flash")
     p.add_argument("--batch-size", type=int, default=None, help="jets per step (default: 64 on CPU, 256 on CUDA)")
     p.add_argument("--iters", type=int, default=None, help="timed steps (default: 3 on CPU, 20 on CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default: 1 on CPU, 5 on CUDA)")
-    p.add_argument("--codebook", type=int, default=8192)
-    p.add_argument("--max-particles", type=int, default=128)
+    p.add_argument("--codebook", type=int, default=8192, help="codebook size; the vocabulary is this + 2 (default 8192)")
+    p.add_argument("--max-particles", type=int, default=128, help="particles per jet at most (default 128)")
     p.add_argument("--data", default=None, help="shard directory: draw multiplicities from its jets")
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default="train", help="split of --data (default train)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the model and the multiplicities (default 0)")
     p.add_argument("--repeats", type=int, default=1, help="run every configuration this many times (round-robin), keep the fastest")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

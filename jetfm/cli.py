@@ -43,7 +43,7 @@ TOP_COMMANDS = {
     "sweep": ("jetfm.sweep", "add_sweep_arguments", "run_sweep",
               "run a grid of fine-tunings (the data-efficiency study) and plot it"),
     "demo": ("jetfm.demo", "add_demo_arguments", "run_demo",
-             "run the whole chain small on CPU: generate → tokenizer → pre-training"),
+             "run the whole chain small on CPU: data → tokenizer → pre-training → generation → fine-tuning → report"),
 }
 
 

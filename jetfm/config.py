@@ -45,7 +45,7 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------- sections
 def reference_features() -> dict[str, dict]:
-    """The reference model inputs of SCIENCE.md §1 (`data.features` default)."""
+    """The reference model inputs of docs/METHOD.md §1 (`data.features` default)."""
     return {
         "part_pt": {"function": "signed_log", "subtract": 1.8, "multiply": 1.0},
         "part_etarel": {"function": "none", "subtract": 0.0, "multiply": 3.0},
@@ -78,7 +78,7 @@ class DataConfig:
 
     features: dict[str, dict[str, Any]] = field(default_factory=reference_features)
     """Model inputs in order: name -> {function: none|log|signed_log, subtract, multiply};
-    model value = (function(raw) - subtract) * multiply (SCIENCE.md §1). A YAML `features:`
+    model value = (function(raw) - subtract) * multiply (docs/METHOD.md §1). A YAML `features:`
     mapping replaces the default set; missing entries of a feature take the transform defaults
     (function none, subtract 0, multiply 1)."""
 
@@ -646,8 +646,32 @@ def config_from_dict(data: dict) -> Config:
     return _build(Config, data)
 
 
+#: The repository's experiment configs: `--config joint.yaml` means configs/joint.yaml.
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """The config file a user means: `path` as given, else configs/<path> (".yaml" optional).
+
+    A missing file's error lists the configs that exist, so `--config joint` or a typo is one
+    look away from the right name.
+    """
+    path = Path(path)
+    candidates = [path, path.with_name(path.name + ".yaml")]
+    if not path.is_absolute():
+        candidates += [CONFIG_DIR / c for c in candidates[:2]]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    known = sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*.yaml")
+                   if "accelerate" not in p.parts) if CONFIG_DIR.is_dir() else []
+    listing = f"; configs in {CONFIG_DIR}: {', '.join(known)}" if known else ""
+    raise ConfigError(f"{path}: config file not found (nor in {CONFIG_DIR}){listing}")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Config from a YAML file (or defaults when path is None) plus `key.sub=value` overrides."""
+    path = resolve_config_path(path) if path is not None else None
     data = load_yaml(path) if path is not None else {}
     if path is not None and "stage" not in data and not any(o.split("=", 1)[0].strip() == "stage" for o in overrides):
         raise ConfigError(f"{path}: missing key 'stage' (one of {', '.join(STAGES)})")
@@ -656,7 +680,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     try:
         return config_from_dict(data)
     except ConfigError as error:
-        where = f"{path}: " if path is not None else ""
+        # blame the override when the bad value came from the command line, not the file
+        blamed = [o for o in overrides if re.match(re.escape(o.split("=", 1)[0].strip()) + r"[: ]", str(error))]
+        where = f"override {blamed[-1]!r}: " if blamed else f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{error}") from None
 
 

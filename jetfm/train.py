@@ -72,6 +72,7 @@ from jetfm.data.format import DataError
 from jetfm.data.reader import make_loader
 from jetfm.data.shards import Manifest
 from jetfm.distributed import describe, full_state_dict, make_accelerator, shard_model, sync_replicas, unwrap
+from jetfm.estimate import long_run_warning
 from jetfm.models.optim import build_optimizer
 from jetfm.tracking import start_tracking
 from jetfm.train_metrics import (Diverged, Window, format_summary, grad_norm_tensor, memory_gb,
@@ -270,15 +271,13 @@ def setup(cfg: Config, resume: str | None) -> Run:
     train_loader = make_loader(cfg.data, cfg.data.train_split, rank=rank, world_size=world, seed=cfg.seed,
                                shuffle=True, drop_uneven=True, require_tokens=require_tokens)
     if train_loader.batches_per_epoch() == 0:
-        raise ConfigError(f"split {cfg.data.train_split!r} of {cfg.data.path} holds fewer jets than one batch per "
-                          f"process ({cfg.data.batch_size} x {world}); lower data.batch_size")
+        raise ConfigError(train_loader.dataset.shortfall())
     val_loader = val_start = None
     if cfg.train.eval_every:
         val_loader = make_loader(cfg.data, cfg.data.val_split, rank=rank, world_size=world, seed=cfg.seed,
                                  shuffle=False, drop_uneven=True, require_tokens=require_tokens)
         if val_loader.batches_per_epoch() == 0:
-            raise ConfigError(f"split {cfg.data.val_split!r} holds fewer jets than one batch per process; lower "
-                              "data.batch_size or set train.eval_every=0")
+            raise ConfigError(val_loader.dataset.shortfall() + " (or set train.eval_every=0)")
         val_start = val_loader.state_dict()
 
     # ---- model, optimizer (the stage's own parameter groups, if it has them), schedule
@@ -347,7 +346,11 @@ def train_loop(run: Run, stop: StopSignals, bar) -> tuple[str, str]:
                     f"update skipped ({bad_steps} in a row, limit {train_cfg.max_bad_steps})")
             continue  # neither logged nor checkpointed
         bad_steps = 0
-        run.window.time += time.perf_counter() - t0
+        step_time = time.perf_counter() - t0
+        run.window.time += step_time
+        if run.step == run.start_step + 1 and (warning := long_run_warning(cfg.name, step_time,
+                                                                           train_cfg.max_steps - run.step)):
+            run.say(warning)
 
         # a signal on any process stops every process after this step (agreed on the host: no device sync)
         stopping = run.stop_vote(stop.received is not None)

@@ -156,7 +156,7 @@ def format_summary(s: dict) -> str:
     rows = [
         ("status", f"{s['status']}" + (f" — {s['message']}" if s.get("message") else "")),
         ("steps", f"{s['steps']} / {s['max_steps']} ({s['epoch']} epochs)"),
-        ("train loss", f"{train.get('train/loss', float('nan')):.4g}"),
+        ("train loss", f"{train['train/loss']:.4g}" if "train/loss" in train else "- (before the first log step)"),
         ("val", ", ".join(f"{k} {v:.4g}" for k, v in list(val.items())[:4]) or "-"),
         ("throughput", f"{s['mean_jets_per_s']:,.0f} jets/s" if s.get("mean_jets_per_s") else "-"),
         ("time", f"{s['wall_time_s']:.1f} s wall, {s['train_time_s']:.1f} s in steps"),

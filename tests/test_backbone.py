@@ -102,7 +102,7 @@ def test_build_reference_size_and_vocabulary():
     assert model.ntp.head.out.out_features == 8194 and model.mpm.head.out.out_features == 8194
     assert model.backbone.input_proj.in_features == 3
     n_backbone = sum(p.numel() for p in model.backbone.parameters())
-    assert 1.5e6 < n_backbone < 1.7e6  # SCIENCE.md §3: ≈1.6M parameters
+    assert 1.5e6 < n_backbone < 1.7e6  # docs/METHOD.md §3: ≈1.6M parameters
 
 
 def test_build_needs_tokenizer_in_manifest():

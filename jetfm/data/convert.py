@@ -4,7 +4,7 @@
     jetfm data convert jetclass 'JetClass/val_5M/*.root' --out data/jetclass --split val
     jetfm data convert toptag train.h5 --out data/toptag --split-fractions 0.8,0.1,0.1 --skip-bad
 
-The output is the generator's format (DESIGN.md "Shards"): `DIR/{split}/shard-{k:06d}.tar`
+The output is the generator's format (docs/DATA.md): `DIR/{split}/shard-{k:06d}.tar`
 of ~1,000-jet chunks plus `DIR/manifest.json`. Input is read in steps of `chunk_size` jets, so
 memory stays bounded whatever the file size (the 1.2M-jet top-tagging train file is ~4 GB).
 

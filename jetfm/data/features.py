@@ -1,6 +1,6 @@
 """Particle features derived from stored four-momenta, and the named invertible preprocessing.
 
-Shards store raw physics (px, py, pz, E); models see preprocessed features (SCIENCE.md §1):
+Shards store raw physics (px, py, pz, E); models see preprocessed features (docs/METHOD.md §1):
 
     part_pt     -> (signed_log(pt) - 1.8) * 1
     part_etarel -> eta_part - eta_jet, * 3
@@ -179,7 +179,7 @@ def same_features(a, b) -> bool:
 
 
 def reference_features() -> dict[str, FeatureTransform]:
-    """The reference kinematic inputs of SCIENCE.md §1."""
+    """The reference kinematic inputs of docs/METHOD.md §1."""
     return {
         "part_pt": FeatureTransform("signed_log", 1.8, 1.0),
         "part_etarel": FeatureTransform("none", 0.0, 3.0),

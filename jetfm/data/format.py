@@ -1,6 +1,6 @@
 """The jet chunk: the unit stored in one WebDataset tar entry, and its validation.
 
-A chunk holds ~1,000 jets as ragged particles (DESIGN.md "Shards"):
+A chunk holds ~1,000 jets as ragged particles (docs/DATA.md):
 
     part.npy     float32 (T, P)   raw particle features, jets concatenated, pT-descending
     offsets.npy  int64   (B + 1,) jet b owns particles offsets[b]:offsets[b+1]; offsets[0] = 0

@@ -506,7 +506,9 @@ def generate_dataset(
         manifest.save(out_dir)
 
     with tqdm(total=total, initial=total - remaining, unit="jet", desc=f"generate {preset}",
-              disable=not progress, smoothing=0.05, dynamic_ncols=True) as bar:
+              disable=not progress, smoothing=0, dynamic_ncols=True) as bar:
+        # smoothing=0: the ETA from the mean rate; a moving average kept the first, slow update
+        # (Pythia start-up before any jet) for minutes and showed an ETA of hours
         if workers == 1 or len(tasks) <= 1:
             for task in tasks:
                 finish(run_unit(task, bar.update))
@@ -594,7 +596,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="master seed; every unit and class derives its own")
     parser.add_argument("--jets-per-shard", type=int, default=None,
                         help="jets per class in one shard (= one work unit); default min(1000, split size)")
-    parser.add_argument("--chunk-size", type=int, default=1000, help="jets per tar entry (default 1000)")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="jets per tar entry, the reader's unit of work (default: a quarter of the smallest split, "
+                             "at most 1000, so that every split feeds 2 processes x 2 loader workers)")
     parser.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", default=[],
                         help="override a preset setting (repeatable; see below)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved settings and units, then exit")
@@ -606,6 +610,9 @@ def run_generate(args: argparse.Namespace) -> int:
         overrides = parse_assignments(args.overrides)
         counts = {"train": args.train, "val": args.val, "test": args.test}
         counts = {split: n for split, n in counts.items() if n > 0}
+        if args.chunk_size is None:  # a chunk per consumer: a split of one chunk cannot feed 2 processes
+            n_classes = len(resolve_settings(args.preset, overrides).classes)
+            args.chunk_size = min(1000, max(1, -(-min(counts.values(), default=4) * n_classes // 4)))
         if args.dry_run:
             settings = resolve_settings(args.preset, overrides)
             units = plan_units(counts, args.jets_per_shard)

@@ -48,7 +48,7 @@ def segment_sum(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 def jets_from_constituents(p4: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
-    """Jet four-vectors as the sum of constituents (the jet axis of SCIENCE.md §1).
+    """Jet four-vectors as the sum of constituents (the jet axis of docs/METHOD.md §1).
 
     p4: (T, 4) columns (px, py, pz, E); offsets: (B + 1,). Returns per-jet arrays of length B.
     """

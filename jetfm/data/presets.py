@@ -5,7 +5,7 @@
 A preset is a `GeneratorSettings`; every field except `name` can be overridden by
 `--set key=value` (CLI) or `overrides={...}` (`generate_dataset`). A class is made by one
 `Process`: Pythia `readString` lines plus the truth signature a jet must carry to get the
-class label (SCIENCE.md §1 recipes):
+class label (docs/METHOD.md §1 recipes):
 
 - `resonance=None` (QCD): every anti-kT jet in the window is kept.
 - otherwise: the jet is kept only if some resonance with that |PDG id| decays into the

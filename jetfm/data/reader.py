@@ -203,7 +203,7 @@ class JetDataset(IterableDataset):
         if inputs not in ("raw", "reco"):
             raise ValueError(f"data.inputs must be 'raw' or 'reco', got {inputs!r}")
         if inputs == "reco" and not self.manifest.reco_features:
-            raise DataError(f"{self.directory}: data.inputs=reco but the shards carry no reco features (run `jetfm data tokenize --with-reco`)")
+            raise DataError(f"{self.directory}: data.inputs=reco but the shards carry no reco features (run `jetfm data tokenize --with-reco`), or set data.inputs=raw to use the stored features")
         if inputs == "reco":
             missing = [n for n in preprocessing.names if n not in self.manifest.reco_features]
             if missing:
@@ -240,6 +240,22 @@ class JetDataset(IterableDataset):
             n = sum(u.n_jets for u in units)
             total += n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
         return total
+
+    def shortfall(self) -> str:
+        """Why a rank gets no batch in an epoch, in the knobs that fix it.
+
+        Chunks are the unit of work: with fewer chunks than consumers (processes x workers) some
+        consumer reads nothing, and a smaller batch cannot help.
+        """
+        consumers = self.world_size * self.num_workers
+        split = f"{self.directory}: split {self.split!r}"
+        if len(self.units) < consumers:
+            return (f"{split} holds {len(self.units)} chunk(s) (shards x chunks per shard) for {self.world_size} "
+                    f"process(es) x {self.num_workers} loader worker(s): every consumer needs at least one; "
+                    "regenerate with more shards (`jetfm data generate --jets-per-shard N`), a smaller "
+                    "`--chunk-size`, or run fewer processes / data.num_workers")
+        return (f"{split} holds fewer jets than one batch per process ({self.batch_size} x {self.world_size}); "
+                "lower data.batch_size")
 
     # ------------------------------------------------------------------ loading
     def _load_block(self, units: list[Unit], logical_worker: int, block: int):

@@ -1,4 +1,4 @@
-"""Fine-tuning (SCIENCE.md §5): a class-attention classifier on the (pre-trained) backbone.
+"""Fine-tuning (docs/METHOD.md §5): a class-attention classifier on the (pre-trained) backbone.
 
     python jetfm/train.py --config configs/finetune_toptag.yaml finetune.pretrained=runs/joint/final
     jetfm evaluate classifier --checkpoint runs/finetune_toptag/best --data data/toptag-tokens

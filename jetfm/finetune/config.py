@@ -1,4 +1,4 @@
-"""FinetuneConfig: the `finetune:` section of a jetfm config (SCIENCE.md §5).
+"""FinetuneConfig: the `finetune:` section of a jetfm config (docs/METHOD.md §5).
 
     stage: finetune
     finetune: {mode: full, pretrained: runs/joint/final, backbone_lr_scale: 0.1}

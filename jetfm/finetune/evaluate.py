@@ -8,6 +8,12 @@ prints and writes (DIR, default <run>/eval/<split>_<checkpoint name>/):
                      background jets (and of those passing), per-class table, confusion matrix
     roc.png          1/eps_B vs eps_S, every class against the background class
     confusion.png    row-normalised confusion matrix
+The data may hold fewer classes than the classifier, or declare more (a JetClass conversion of
+only TTBar_* and ZJetsToNuNu_* files declares all ten): data classes are matched to the
+classifier's by name (`--class-map DATA=MODEL` renames), and the classes with jets in the split
+are scored (`--classes` picks them), probabilities renormalised over them; the metrics then say
+which classes they cover (`scored_classes`, MLflow keys `<split>_on_QCD-Tbqq/...`).
+
 and logs the metrics (`<split>/accuracy`, `<split>/auc`, `<split>/rejection_eff0.3`, ...) and the
 files to the MLflow run that trained the checkpoint (its id is in <run>/summary.json).
 
@@ -36,18 +42,24 @@ EFFICIENCIES = (0.3, 0.5)
 
 # --------------------------------------------------------------------------- predictions
 @torch.no_grad()
-def predict(model, batches, device=None, progress=None) -> dict:
-    """{"labels" (N,) int64, "probs" (N, C) float64, "loss" mean cross-entropy} over `batches`."""
+def predict(model, batches, device=None, progress=None, label_map=None) -> dict:
+    """{"labels" (N,) int64, "probs" (N, C) float64, "loss" mean cross-entropy} over `batches`.
+
+    label_map: optional (C_data,) int64 tensor, data label -> classifier class index, or -1 to
+    leave the jet out (data whose manifest declares other classes; see class_mapping)."""
     labels, probs = [], []
     loss_sum, n = 0.0, 0
     for batch in batches:
         if device is not None:
             batch = batch.to(device)
-        model.check_labels(batch.labels)
-        logits_BC = model.logits(batch).float()
-        loss_sum += float(F.cross_entropy(logits_BC, batch.labels, reduction="sum"))
-        n += batch.num_jets
-        labels.append(batch.labels.cpu().numpy())
+        labels_B = batch.labels if label_map is None else label_map.to(batch.labels.device)[batch.labels]
+        keep_B = labels_B >= 0
+        labels_B = labels_B[keep_B]
+        model.check_labels(labels_B)
+        logits_BC = model.logits(batch).float()[keep_B]
+        loss_sum += float(F.cross_entropy(logits_BC, labels_B, reduction="sum"))
+        n += int(labels_B.numel())
+        labels.append(labels_B.cpu().numpy())
         probs.append(logits_BC.softmax(-1).double().cpu().numpy())
         if progress is not None:
             progress.update(batch.num_jets)
@@ -130,10 +142,74 @@ def _class_index(name, classes: list[str], what: str) -> int:
     raise ValueError(f"{what} {name!r} is not one of the classes {classes}")
 
 
+def parse_class_map(text: str | None) -> dict[str, str]:
+    """`--class-map top=Tbqq,light=QCD` -> {"top": "Tbqq", "light": "QCD"} (data class -> classifier class)."""
+    mapping = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        data_name, sep, model_name = item.partition("=")
+        if not sep or not data_name.strip() or not model_name.strip():
+            raise ValueError(f"--class-map {text!r}: expected DATA_CLASS=CLASSIFIER_CLASS[,...], got {item!r}")
+        mapping[data_name.strip()] = model_name.strip()
+    return mapping
+
+
+def class_mapping(data_classes: list[str], counts: list[int], model_classes: list[str],
+                  class_map: dict[str, str] | None = None, only: list[str] | None = None) -> tuple[list[int], list[int]]:
+    """Which classifier class each data class is, and which classifier classes are scored.
+
+    Data classes are matched by name (JetClass and top tagging share "QCD" and "Tbqq"), after
+    renaming by `class_map` (data name -> classifier name). Scored: the classifier classes given
+    in `only`, else those with jets in the split. Returns (label_map, scored): label_map[data
+    label] = classifier index, or -1 for a jet left out (its class empty or not scored); scored
+    = sorted classifier indices. An unmatched data class that holds jets is an error: its jets
+    would be scored as something they are not.
+    """
+    class_map = dict(class_map or {})
+    for data_name, model_name in class_map.items():
+        if data_name not in data_classes:
+            raise ValueError(f"--class-map: {data_name!r} is not a class of the data {data_classes}")
+        if model_name not in model_classes:
+            raise ValueError(f"--class-map: {model_name!r} is not a class of the classifier {model_classes}")
+    for name in only or []:
+        if name not in model_classes:
+            raise ValueError(f"--classes: {name!r} is not a class of the classifier {model_classes}")
+    label_map = []
+    for name, n in zip(data_classes, counts):
+        target = class_map.get(name, name)
+        index = model_classes.index(target) if target in model_classes else -1
+        if index < 0 and n > 0 and (not only or target in only):
+            raise ValueError(f"the data's class {name!r} ({n} jets) is not a class of the classifier {model_classes}; "
+                             f"map it with --class-map {name}=CLASS or score other classes with --classes")
+        if only and target not in only:
+            index = -1
+        label_map.append(index)
+    present = sorted({i for i, n in zip(label_map, counts) if i >= 0 and n > 0})
+    scored = sorted(model_classes.index(name) for name in only) if only else present
+    missing = [model_classes[i] for i in scored if i not in present]
+    if missing:
+        raise ValueError(f"--classes: no jets of {missing} in this split")
+    if len(scored) < 2:
+        raise ValueError(f"only {[model_classes[i] for i in scored]} would be scored: a classifier needs jets of two "
+                         "classes at least (--classes, --class-map)")
+    return label_map, scored
+
+
+def restrict(labels, probs, scored: list[int]):
+    """Labels and probabilities over the scored classes only: classifier indices -> 0..S-1 and
+    probabilities renormalised over them (the classifier's choice among the classes present)."""
+    index = np.full(probs.shape[1], -1, np.int64)
+    index[scored] = np.arange(len(scored))
+    sub = probs[:, scored]
+    return index[labels], sub / np.clip(sub.sum(1, keepdims=True), 1e-300, None)
+
+
 def headline(report: dict) -> dict:
     """The numbers a table row needs: accuracy, auc and, with a signal class, its rejections
     (value, uncertainty, background jets, background jets passing, lower limit if none passed)."""
     out = {"n_jets": report["n_jets"], "accuracy": report["accuracy"], "auc": report["auc"],
+           "scored_classes": report.get("scored_classes"),
            "signal_class": report.get("signal_class"), "background_class": report["background_class"]}
     n_bkg = report["classes"][report["background_class"]]["n"]
     out["n_background"] = n_bkg
@@ -154,6 +230,9 @@ def headline(report: dict) -> dict:
 
 def format_headline(h: dict) -> str:
     lines = [f"jets {h['n_jets']:,}   accuracy {h['accuracy']:.4f}   AUC {h['auc']:.4f}"]
+    if h.get("scored_classes"):
+        lines[0] += (f"   (scored on {len(h['scored_classes'])} classes {h['scored_classes']} of the classifier's "
+                     f"{h['model_classes']}; probabilities renormalised over them)")
     if h.get("signal_class") is not None:
         for eff in EFFICIENCIES:
             key = f"rejection@{eff}"
@@ -187,9 +266,15 @@ def _log_to_mlflow(uri: str, run_id: str, split: str, tag: str, h: dict, report:
 
 def evaluate_classifier(checkpoint, data, *, split: str = "test", out=None, batch_size: int | None = None,
                         device: str = "cpu", background=None, signal=None, mlflow: bool = True,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, class_map: dict[str, str] | None = None,
+                        classes_only: list[str] | None = None) -> dict:
     """Evaluate an exported classifier on one split of `data`; writes metrics.json + plots to `out`
-    and returns the metrics.json content (see the module docstring)."""
+    and returns the metrics.json content (see the module docstring).
+
+    The data may declare other classes than the classifier (a ten-class JetClass conversion of
+    TTBar + ZJetsToNuNu files for a binary top tagger): see class_mapping. When fewer classes
+    than the classifier's are scored, every metric is over those classes only, with the
+    probabilities renormalised over them, and says so (`scored_classes`, metric names)."""
     from tqdm.auto import tqdm
 
     from jetfm.data.format import DataError
@@ -198,23 +283,30 @@ def evaluate_classifier(checkpoint, data, *, split: str = "test", out=None, batc
     from jetfm.metrics import classification_report, format_report, roc_curves_vs_background
     from jetfm.metrics.plots import plot_confusion, plot_roc
 
-    from .model import check_class_counts, load_classifier
+    from .model import load_classifier
 
     checkpoint, data = Path(checkpoint), Path(data)
     model, cfg, meta = load_classifier(checkpoint, device=device)
-    classes = list(meta["classes"])
+    model_classes = list(meta["classes"])
     manifest = Manifest.load(data)
-    if list(manifest.classes) != classes:
-        raise DataError(f"classes differ: the classifier {checkpoint} predicts {classes}, the data {data} has "
-                        f"{list(manifest.classes)}")
-    check_class_counts(manifest, [split], str(data))
+    if split not in manifest.splits:
+        raise DataError(f"{data}: no split {split!r} (splits: {list(manifest.splits)})")
+    try:
+        label_map, scored = class_mapping(list(manifest.classes), list(manifest.class_counts(split)), model_classes,
+                                          class_map, classes_only)
+    except ValueError as error:
+        raise DataError(f"classes differ: the classifier {checkpoint} predicts {model_classes}, the data {data} has "
+                        f"{list(manifest.classes)}: {error}") from None
+    classes = [model_classes[i] for i in scored]
+    restricted = len(scored) < len(model_classes)
     token_mode = cfg.model.input_mode == "token"
     if token_mode:
         codebook = (manifest.tokens or {}).get("codebook_size")
         if codebook is None or int(codebook) + 2 != model.vocab_size:
             raise DataError(f"vocabulary differs: the classifier {checkpoint} reads {model.vocab_size} token ids, "
                             f"the data {data} has {'no tokens' if codebook is None else f'codebook {codebook}'}")
-    bkg = _class_index(background if background is not None else 0, classes, "--background")
+    default_bkg = "QCD" if "QCD" in classes else 0
+    bkg = _class_index(background if background is not None else default_bkg, classes, "--background")
     sig = None if signal is None else _class_index(signal, classes, "--signal")
     if sig is not None and sig == bkg:
         raise ValueError(f"--signal and --background are the same class {classes[sig]!r}")
@@ -225,15 +317,20 @@ def evaluate_classifier(checkpoint, data, *, split: str = "test", out=None, batc
                          batch_size=batch_size or cfg.data.batch_size)
     n_total = manifest.n_jets(split)
     with tqdm(total=n_total, disable=not progress, unit="jet", desc=f"evaluate {split}", dynamic_ncols=True) as bar:
-        result = predict(model, loader, device=device, progress=bar)
+        result = predict(model, loader, device=device, progress=bar, label_map=torch.tensor(label_map))
     labels, probs = result["labels"], result["probs"]
+    if restricted:
+        labels, probs = restrict(labels, probs, scored)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         report = classification_report(labels, probs, classes, signal_class=sig, background_class=bkg,
                                        efficiencies=EFFICIENCIES)
+    if restricted:
+        report["scored_classes"] = classes
     h = headline(report)
+    h["model_classes"] = model_classes
 
-    tag = f"{split}_{checkpoint.resolve().name}"
+    tag = f"{split}_{checkpoint.resolve().name}" + (f"_on_{'-'.join(classes)}" if restricted else "")
     out = Path(out) if out is not None else checkpoint.resolve().parent / "eval" / tag
     out.mkdir(parents=True, exist_ok=True)
     roc = plot_roc(roc_curves_vs_background(labels, probs, classes, background_class=bkg), out / "roc.png",
@@ -258,7 +355,8 @@ def evaluate_classifier(checkpoint, data, *, split: str = "test", out=None, batc
         else:
             try:
                 (out / "metrics.json").write_text(json.dumps(_json_safe(record), indent=1) + "\n")
-                _log_to_mlflow(uri, run_id, split, tag, h, report, [out / "metrics.json", roc, confusion])
+                _log_to_mlflow(uri, run_id, f"{split}_on_{'-'.join(classes)}" if restricted else split, tag, h,
+                               report, [out / "metrics.json", roc, confusion])
                 record["mlflow"] = {"uri": uri, "run_id": run_id}
             except Exception as error:  # noqa: BLE001 - results on disk matter more than tracking
                 print(f"[jetfm] could not log to MLflow run {run_id} at {uri} ({type(error).__name__}: "
@@ -283,6 +381,12 @@ def add_classifier_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--background", default=None, help="background class name or index (default class 0, QCD)")
     parser.add_argument("--signal", default=None,
                         help="headline signal class (default: the other class of a binary classifier)")
+    parser.add_argument("--class-map", default=None, metavar="DATA=MODEL[,...]",
+                        help="rename data classes to the classifier's (default: matched by name; JetClass and top "
+                             "tagging share QCD and Tbqq)")
+    parser.add_argument("--classes", default=None, metavar="NAME[,NAME...]",
+                        help="score only jets of these classifier classes, probabilities renormalised over them "
+                             "(default: the classes with jets in the split)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to the checkpoint's MLflow run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -294,7 +398,10 @@ def run_classifier(args: argparse.Namespace) -> int:
     try:
         record = evaluate_classifier(args.checkpoint, args.data, split=args.split, out=args.out,
                                      batch_size=args.batch_size, device=args.device, background=args.background,
-                                     signal=args.signal, mlflow=not args.no_mlflow, progress=not args.no_progress)
+                                     signal=args.signal, mlflow=not args.no_mlflow, progress=not args.no_progress,
+                                     class_map=parse_class_map(args.class_map),
+                                     classes_only=[c.strip() for c in args.classes.split(",") if c.strip()]
+                                     if args.classes else None)
     except (ConfigError, DataError, ValueError) as error:
         print(f"jetfm: error: {error}", file=sys.stderr)
         return 2

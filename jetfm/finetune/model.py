@@ -6,7 +6,7 @@
     model, cfg, meta = load_classifier("runs/finetune_toptag/best")   # an exported classifier
 
 The backbone runs bidirectionally over ALL particles of every jet: nothing is masked during
-fine-tuning or evaluation (SCIENCE.md §5; the reference's fine-tuning command masks 40% of the
+fine-tuning or evaluation (docs/METHOD.md §5; the reference's fine-tuning command masks 40% of the
 particles by mistake). `FinetuneModel.MASK_FRACTION` states it and the tests check it.
 
 Class-attention head (CaiT, ParT): a learned class token attends to [class token; particle

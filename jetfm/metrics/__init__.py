@@ -1,4 +1,4 @@
-"""Evaluation metrics and plots for generation (SCIENCE.md §4) and classification (§5).
+"""Evaluation metrics and plots for generation (docs/METHOD.md §4) and classification (§5).
 
 Pure numpy/matplotlib (FastJet optional, for N-subjettiness axes); no models:
 

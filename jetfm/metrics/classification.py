@@ -1,4 +1,4 @@
-"""Classification metrics for jet tagging (SCIENCE.md §5): accuracy, ROC, AUC, 1/eps_B.
+"""Classification metrics for jet tagging (docs/METHOD.md §5): accuracy, ROC, AUC, 1/eps_B.
 
     report = classification_report(labels, probs, class_names, signal_class="Tbqq")
     report["rejection@0.3"], report["auc"], report["classes"]["Tbqq"]

@@ -1,4 +1,4 @@
-"""Distances between a reference and a generated sample of observables (SCIENCE.md §4).
+"""Distances between a reference and a generated sample of observables (docs/METHOD.md §4).
 
     rows = compare_samples(ref_obs, gen_obs, n_bootstrap=5)   # ref/gen: {name: (N,) array}
     print(format_table(rows))

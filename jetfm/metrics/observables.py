@@ -1,10 +1,10 @@
-"""Particle- and jet-level observables for judging generated jets (SCIENCE.md §4).
+"""Particle- and jet-level observables for judging generated jets (docs/METHOD.md §4).
 
     jet_obs = jet_observables(jets)        # jets: JetArrays or (p4 (T, 4), offsets (B + 1,))
     part_obs = particle_observables(jets)
 
 Particle level (T,): part_ptrel = pT / pT_jet, part_etarel, part_phirel, relative to the summed
-constituent four-vector (the jet axis of SCIENCE.md §1, via jetfm.data.features).
+constituent four-vector (the jet axis of docs/METHOD.md §1, via jetfm.data.features).
 Jet level (B,): jet_pt, jet_eta, jet_phi, jet_mass (GeV), jet_nparticles, and N-subjettiness
 jet_tau1..3 with the ratios jet_tau21 = tau2/tau1, jet_tau32 = tau3/tau2.
 
@@ -190,6 +190,12 @@ def exclusive_kt_axes(p4: np.ndarray, offsets: np.ndarray, ns: Iterable[int]) ->
     import awkward as ak
     import fastjet
 
+    try:  # FastJet's banner (a citation request) would land in the middle of evaluation reports
+        import fastjet._swig
+
+        fastjet._swig.ClusterSequence.set_fastjet_banner_stream(None)
+    except (ImportError, AttributeError):
+        pass
     ns = sorted(set(int(n) for n in ns))
     if ns[0] < 1:
         raise ValueError(f"numbers of axes must be >= 1, got {ns}")

@@ -1,6 +1,6 @@
 """The jet backbone: input embedding, jet-level conditioning, pre-LayerNorm transformer blocks.
 
-No positional encoding (SCIENCE.md §3): only the causal mask breaks permutation symmetry.
+No positional encoding (docs/METHOD.md §3): only the causal mask breaks permutation symmetry.
 Sequences are packed (cu_seqlens); `causal` is chosen per call, so the same weights serve the
 causal NTP pass, the bidirectional MPM pass and bidirectional fine-tuning. `step` runs one new
 token per sequence against a KVCache (generation).

@@ -1,6 +1,6 @@
 """Config sections of the pre-training stage: the model (`model:`) and the objective (`objective:`).
 
-Reference defaults are the published example settings (SCIENCE.md §3). The vocabulary is NOT a
+Reference defaults are the published example settings (docs/METHOD.md §3). The vocabulary is NOT a
 model setting: it comes from the data manifest (`manifest.tokens["codebook_size"]`), with
 start = 0, particle = code + 1, stop = codebook_size + 1, vocab = codebook_size + 2.
 """

@@ -1,6 +1,6 @@
 """Pre-training objectives on packed jets: next-token prediction (NTP) and masked-particle modelling (MPM).
 
-Token ids: start = 0, particle = code + 1, stop = codebook_size + 1 = vocab - 1.
+Token ids (docs/DATA.md): start = 0, particle = code + 1, stop = codebook_size + 1 = vocab - 1.
 
 NTP — causal pass over [start, p1 .. pn]; position i predicts the token of particle i + 1 and the
 last position predicts stop. In the packed NTP layout jet j (particles cu[j] .. cu[j+1]-1) takes

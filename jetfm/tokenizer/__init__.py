@@ -1,4 +1,4 @@
-"""VQ-VAE particle tokenizer (SCIENCE.md §2): model, codebook, evaluation, `jetfm data tokenize`.
+"""VQ-VAE particle tokenizer (docs/METHOD.md §2): model, codebook, evaluation, `jetfm data tokenize`.
 
 Token ids: start 0, particle = code + 1 (1..K), stop K + 1.
 """

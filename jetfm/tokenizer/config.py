@@ -1,4 +1,4 @@
-"""TokenizerConfig: the `tokenizer:` section of a jetfm config (SCIENCE.md §2).
+"""TokenizerConfig: the `tokenizer:` section of a jetfm config (docs/METHOD.md §2).
 
 Defaults are the reference settings (hidden 128, 8 heads, 4+4 blocks, latent 8, 8192 codes,
 β 0.9, VQ weight 10, dead-code replacement every 500 steps, particles shuffled within jets).

@@ -2,7 +2,7 @@
 
     metrics = evaluate(model, loader, cfg, out_dir)   # the trainer logs them to MLflow
 
-What is measured (SCIENCE.md §2), with every particle encoded and decoded in stored pT order:
+What is measured (docs/METHOD.md §2), with every particle encoded and decoded in stored pT order:
 
 - codebook: `utilisation` (fraction of the K codes used on the held-out set), `perplexity`
   (exp of the entropy of the code histogram), `codes_used`.

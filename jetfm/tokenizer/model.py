@@ -18,7 +18,7 @@ H hidden width, A heads, E head width (H / A), D latent width, K codes, L cache 
   the stored one — pT-descending — which is the order the backbone generates tokens in.
 - Loss: MSE over real particles (packed, so no padding enters) + vq_weight × vq_loss.
 
-Token ids (DESIGN.md): start 0, particle code + 1 (1..K), stop K + 1.
+Token ids (docs/DATA.md): start 0, particle code + 1 (1..K), stop K + 1.
 
 Layout: tokens stay packed (T, H) through every Linear, LayerNorm and MLP; only attention pads
 q/k/v, per group of ≤ ATTENTION_GROUP_JETS jets sorted by multiplicity (Layout), and runs
