@@ -166,6 +166,14 @@ def test_flash_unsupported_raises_on_cpu():
 
 
 # --------------------------------------------------------------------------- GPU parity
+def test_flash_head_dim_checked_when_built():
+    """flash-attn's kernels take head dims divisible by 8 and <= 256: refused at build, on any machine."""
+    for head_dim in (12, 264):
+        with pytest.raises(ValueError, match="head dim"):
+            AttentionBackend.FLASH.assert_supported(head_dim=head_dim)
+    AttentionBackend.SDPA.assert_supported(head_dim=12)  # SDPA takes any head dim
+
+
 needs_flash = pytest.mark.skipif(not flash_available(), reason="needs CUDA and flash-attn")
 
 

@@ -45,15 +45,19 @@ class AttentionBackend(str, enum.Enum):
     SDPA = "sdpa"
     FLASH = "flash"
 
-    def assert_supported(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
-        """Raise ValueError if this backend cannot run on `device` with `dtype`.
+    def assert_supported(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                         *, head_dim: int | None = None) -> None:
+        """Raise ValueError if this backend cannot run on `device` with `dtype` and `head_dim`.
 
-        Called when the model is built (device/dtype None = check what can be checked then:
-        for flash, that flash-attn imports and CUDA exists) and again on every flash call with
-        the real tensors' device and dtype (attribute checks only, no host sync).
+        Called when the model is built (with its head_dim; device/dtype None = check what can be
+        checked then: for flash, that flash-attn imports and CUDA exists) and again on every
+        flash call with the real tensors' device and dtype (attribute checks only, no host sync).
         """
         if self is AttentionBackend.SDPA:
             return
+        if head_dim is not None and (head_dim % 8 or head_dim > 256):
+            # flash-attn's kernels: head dims a multiple of 8, at most 256
+            raise ValueError(f"attention backend 'flash' needs a head dim divisible by 8 and <= 256, got {head_dim}; use 'sdpa'")
         if _flash_attn() is None:
             raise ValueError("attention backend 'flash' needs the flash-attn package (pip install 'jetfm[gpu]'); use 'sdpa'")
         if not torch.cuda.is_available():

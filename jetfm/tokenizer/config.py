@@ -13,6 +13,7 @@ from dataclasses import dataclass
 CODEBOOK_UPDATES = ("affine", "ema")
 CODEBOOK_INITS = ("sample", "gaussian", "kmeans")
 COLLAPSE_ACTIONS = ("warn", "raise")
+ATTENTION_BACKENDS = ("sdpa", "flash")
 
 
 @dataclass
@@ -77,6 +78,9 @@ class TokenizerConfig:
     the causal decoder learns to decode in any order and is run in pT order at inference."""
     dropout: float = 0.0
     """Dropout on attention and MLP outputs."""
+    attention: str = "sdpa"
+    """Attention backend of the encoder/decoder blocks (models/attention.py): `sdpa` (any device)
+    or `flash` (flash-attn, CUDA, under bf16 mixed precision). Exports load with sdpa by default."""
     checkpoint: str | None = None
     """Directory of a trained tokenizer (written by save_tokenizer), used by later stages
     (tokenize, pre-training with continuous/reco inputs, generation)."""
@@ -107,6 +111,8 @@ class TokenizerConfig:
             raise ValueError(f"tokenizer.ema_decay must lie in (0, 1), got {self.ema_decay}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"tokenizer.dropout must lie in [0, 1), got {self.dropout}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"tokenizer.attention {self.attention!r} unknown; expected one of {list(ATTENTION_BACKENDS)}")
         if self.dead_code_every < 0 or self.utilisation_warmup < 0 or self.dead_code_threshold < 0:
             raise ValueError("tokenizer.dead_code_every, utilisation_warmup and dead_code_threshold must be >= 0")
         if not 0.0 <= self.min_utilisation <= 1.0:
