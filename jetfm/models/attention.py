@@ -279,8 +279,9 @@ class KVCache:
     Per layer, k/v are exposed as (B, H, L, D) (`k(layer)`, `v(layer)`); `lengths` (B,) int32
     counts the tokens already cached per sequence. A step writes the new token's k/v of every
     layer at position `lengths`, attends to positions <= lengths, and `advance()` then moves
-    all sequences on by one. Storage is (layers, B, L, H, D) — the layout flash-attn's
-    `flash_attn_with_kvcache` reads and appends to in place; SDPA reads the transposed view.
+    all sequences on by one. Storage is (layers, B, L, H, D) for flash — the layout flash-attn's
+    `flash_attn_with_kvcache` reads and appends to in place — and (layers, B, H, L, D) for SDPA,
+    whose kernel then reads a contiguous prefix instead of copying a transposed view every step.
     """
 
     def __init__(
@@ -297,7 +298,10 @@ class KVCache:
     ):
         self.backend = AttentionBackend(backend)
         self.max_len = int(max_len)
-        shape = (num_layers, batch_size, self.max_len, num_heads, head_dim)
+        if self.backend is AttentionBackend.FLASH:
+            shape = (num_layers, batch_size, self.max_len, num_heads, head_dim)
+        else:
+            shape = (num_layers, batch_size, num_heads, self.max_len, head_dim)
         self._k = torch.zeros(shape, device=device, dtype=dtype)
         self._v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch_size, device=device, dtype=torch.int32)
@@ -317,11 +321,11 @@ class KVCache:
 
     def k(self, layer: int) -> torch.Tensor:
         """(B, H, L, D) view of layer's cached keys."""
-        return self._k[layer].transpose(1, 2)
+        return self._k[layer].transpose(1, 2) if self.backend is AttentionBackend.FLASH else self._k[layer]
 
     def v(self, layer: int) -> torch.Tensor:
         """(B, H, L, D) view of layer's cached values."""
-        return self._v[layer].transpose(1, 2)
+        return self._v[layer].transpose(1, 2) if self.backend is AttentionBackend.FLASH else self._v[layer]
 
     def select(self, index_b: torch.Tensor) -> None:
         """Keep only the sequences `index_b` (b,) int64, in that order (drop finished jets)."""
@@ -351,18 +355,15 @@ class KVCache:
                 softmax_scale=scale, causal=True,
             )
             return out_B1HD[:, 0].to(q_BHD.dtype)
-        arange_B = torch.arange(self.batch_size, device=self.lengths.device)
-        pos_B = self.lengths.long()
-        self._k[layer, arange_B, pos_B] = k_BHD
-        self._v[layer, arange_B, pos_B] = v_BHD
-        used = self.seen + 1  # attend only over the filled prefix of the cache
-        k_BHLD = self.k(layer)[:, :, :used]
-        v_BHLD = self.v(layer)[:, :, :used]
-        mask_B11L = (torch.arange(used, device=pos_B.device)[None, :] <= pos_B[:, None])[:, None, None, :]
+        # all sequences sit at position `seen` (they advance together; select keeps that), so the
+        # new token goes to one slice and the query sees the whole filled prefix: no mask needed
+        pos = self.seen
+        self._k[layer, :, :, pos] = k_BHD
+        self._v[layer, :, :, pos] = v_BHD
+        k_BHLD = self.k(layer)[:, :, : pos + 1]
+        v_BHLD = self.v(layer)[:, :, : pos + 1]
         compute = _sdpa_upcast(q_BHD.dtype, q_BHD.device)
-        out_BH1D = _sdpa(
-            q_BHD[:, :, None].to(compute), k_BHLD.to(compute), v_BHLD.to(compute), attn_mask=mask_B11L, scale=scale
-        )
+        out_BH1D = _sdpa(q_BHD[:, :, None].to(compute), k_BHLD.to(compute), v_BHLD.to(compute), scale=scale)
         return out_BH1D[:, :, 0].to(q_BHD.dtype)
 
 
