@@ -137,18 +137,39 @@ class Packing:
         """(B, N, ...) -> (T, ...)."""
         return x_BN.reshape((-1,) + tuple(x_BN.shape[2:])).index_select(0, self.flat_index)
 
+    def _length_order(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(jet order (B,), token order (T,), inverse (T,)): tokens reordered by `order` hold the
+        jets sorted by length (stable), each jet's tokens in their own order."""
+        jet_order = torch.argsort(self.lengths, stable=True)
+        arange_B = torch.arange(self.num_seqs, device=jet_order.device)
+        jet_rank = torch.empty_like(jet_order).index_copy_(0, jet_order, arange_B)
+        order = torch.argsort(jet_rank[self.seq_index] * (self.max_seqlen + 1) + self.position)
+        inverse = torch.empty_like(order).index_copy_(0, order, torch.arange(self.total, device=order.device))
+        return jet_order, order, inverse
+
+    def length_sorted(self) -> tuple["Packing", torch.Tensor, torch.Tensor]:
+        """(packing of the same jets sorted by length, order (T,), inverse (T,)). A stack that
+        reorders its tokens once with `order` (and back with `inverse`) spares every layer's
+        bucketed attention its own reordering (see `bucketing`)."""
+        jet_order, order, inverse = self._length_order()
+        cu = torch.zeros_like(self.cu_seqlens)
+        cu[1:] = torch.cumsum(self.lengths[jet_order], 0)
+        return Packing(cu, self.max_seqlen, self.total, buckets=self.buckets), order, inverse
+
     @functools.cached_property
-    def bucketing(self) -> tuple[torch.Tensor, torch.Tensor, list["Packing"]] | None:
+    def bucketing(self) -> tuple[torch.Tensor | None, torch.Tensor | None, list["Packing"]] | None:
         """(order (T,), inverse (T,), [sub-packing per bucket]) or None for a single bucket:
-        tokens reordered by `order` hold the jets sorted by length, bucket after bucket."""
+        tokens reordered by `order` hold the jets sorted by length, bucket after bucket;
+        order = inverse = None when the jets already are (no reordering needed)."""
         if self.buckets == 1:
             return None
         lengths = self.lengths
-        jet_order = torch.argsort(lengths, stable=True)
-        jet_rank = torch.empty_like(jet_order).index_copy_(0, jet_order, torch.arange(self.num_seqs, device=lengths.device))
-        order = torch.argsort(jet_rank[self.seq_index] * (self.max_seqlen + 1) + self.position)
-        inverse = torch.empty_like(order).index_copy_(0, order, torch.arange(self.total, device=order.device))
-        sorted_lengths = lengths[jet_order].tolist()  # host read (CPU: free)
+        if bool((lengths[1:] >= lengths[:-1]).all()):  # host read (CPU: free)
+            order = inverse = None
+            sorted_lengths = lengths.tolist()
+        else:
+            jet_order, order, inverse = self._length_order()
+            sorted_lengths = lengths[jet_order].tolist()  # host read (CPU: free)
         per_bucket = -(-self.num_seqs // self.buckets)
         parts = []
         for b0 in range(0, self.num_seqs, per_bucket):
@@ -244,10 +265,12 @@ def varlen_attention_qkv(
     if packing.bucketing is None:
         return _sdpa_padded(qkv_T3HD, packing, causal, scale).to(dtype)
     order, inverse, parts = packing.bucketing
+    if order is not None:
+        qkv_T3HD = qkv_T3HD.index_select(0, order)
     # torch.split (not slicing): its backward is one cat, slicing's one zero-filled full-size add per bucket
-    chunks = torch.split(qkv_T3HD.index_select(0, order), [sub.total for sub in parts])
-    outs = [_sdpa_padded(chunk, sub, causal, scale) for chunk, sub in zip(chunks, parts)]
-    return torch.cat(outs).index_select(0, inverse).to(dtype)
+    chunks = torch.split(qkv_T3HD, [sub.total for sub in parts])
+    out_THD = torch.cat([_sdpa_padded(chunk, sub, causal, scale) for chunk, sub in zip(chunks, parts)])
+    return (out_THD if inverse is None else out_THD.index_select(0, inverse)).to(dtype)
 
 
 def _flash_varlen(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen, *, causal: bool, softmax_scale: float | None):

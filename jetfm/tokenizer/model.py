@@ -181,13 +181,22 @@ class ParticleTokenizer(nn.Module):
                 f"tokenizer expects particle features (T, {self.n_features}) = {self.feature_names}, got {tuple(x_TF.shape)}"
             )
 
+    @staticmethod
+    def _run(stack: Stack, h_TH: torch.Tensor, packing: Packing, *, causal: bool) -> torch.Tensor:
+        """stack(h) with the jets sorted by length once for the whole stack when attention runs
+        in length buckets (CPU), instead of a reordering in every layer."""
+        if packing.bucketing is None or packing.bucketing[0] is None:
+            return stack(h_TH, packing, causal=causal)
+        sorted_packing, order_T, inverse_T = packing.length_sorted()
+        return stack(h_TH.index_select(0, order_T), sorted_packing, causal=causal).index_select(0, inverse_T)
+
     def encode_latents(self, x_TF: torch.Tensor, packing: Packing) -> torch.Tensor:
         """Encoder outputs z (T, D) before quantisation (`packing`: packing_for(cu_seqlens, T))."""
-        return self.to_latent(self.encoder(self.embed(x_TF), packing, causal=False))
+        return self.to_latent(self._run(self.encoder, self.embed(x_TF), packing, causal=False))
 
     def decode_latents(self, q_TD: torch.Tensor, packing: Packing) -> torch.Tensor:
         """Causal decoder: features (T, F) from (quantised) latents (T, D), in the given order."""
-        return self.head(self.decoder(self.from_latent(q_TD), packing, causal=True))
+        return self.head(self._run(self.decoder, self.from_latent(q_TD), packing, causal=True))
 
     def forward(self, batch) -> dict:
         x_TF = batch.x
