@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jetfm.tokenizer import TokenizerConfig, load_tokenizer  # noqa: E402
-from jetfm.tokenizer.model import Layout, ParticleTokenizer  # noqa: E402
+from jetfm.tokenizer.model import ParticleTokenizer, packing_for  # noqa: E402
 
 
 def synthetic_batches(n_jets: int, batch_size: int, mean_particles: float, n_features: int, seed: int = 0):
@@ -131,11 +131,11 @@ def main(argv=None) -> int:
 
     def decode_incremental():
         for ids, (_, cu) in zip(tokens, batches):
-            layout = Layout.from_cu_seqlens(cu)
-            ids_BN = layout.pad(ids)
-            ids_BN[~layout.mask()] = 1
-            cache = model.new_cache(layout.num_jets, capacity=layout.max_len)
-            for i in range(layout.max_len):
+            packing = packing_for(cu, ids.shape[0])
+            ids_BN = packing.pad(ids)
+            ids_BN[~packing.pad(torch.ones_like(ids, dtype=torch.bool))] = 1
+            cache = model.new_cache(packing.num_seqs, capacity=packing.max_seqlen)
+            for i in range(packing.max_seqlen):
                 model.decode_step(cache, ids_BN[:, i])
 
     rows = []

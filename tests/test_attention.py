@@ -53,6 +53,19 @@ def test_buckets_group_jets_by_length():
 
 
 @pytest.mark.parametrize("causal", [True, False])
+def test_length_sorted_packing_needs_no_reordering(causal):
+    """A stack may sort its jets by length once (length_sorted); its buckets then attend without
+    reordering tokens, and mapping back with `inverse` gives the reference on the original order."""
+    lengths = [9, 2, 2, 8, 1, 5, 3, 7]
+    q, k, v, cu = packed_qkv(lengths)
+    sorted_packing, order, inverse = Packing(cu, 9, sum(lengths), buckets=3).length_sorted()
+    assert sorted_packing.lengths.tolist() == [1, 2, 2, 3, 5, 7, 8, 9] and sorted_packing.bucketing[0] is None
+    assert torch.equal(q[order][inverse], q)
+    out = varlen_attention(q[order], k[order], v[order], sorted_packing.cu_seqlens, 9, causal=causal, packing=sorted_packing)
+    torch.testing.assert_close(out[inverse], reference_attention(q, k, v, cu, causal=causal), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
 def test_padded_sdpa_with_key_mask_matches_reference(causal):
     """The padded entry point (for code that keeps a (B, H, N, D) layout): key mask + causal flag."""
     lengths = [5, 2, 4]
@@ -166,6 +179,14 @@ def test_flash_unsupported_raises_on_cpu():
 
 
 # --------------------------------------------------------------------------- GPU parity
+def test_flash_head_dim_checked_when_built():
+    """flash-attn's kernels take head dims divisible by 8 and <= 256: refused at build, on any machine."""
+    for head_dim in (12, 264):
+        with pytest.raises(ValueError, match="head dim"):
+            AttentionBackend.FLASH.assert_supported(head_dim=head_dim)
+    AttentionBackend.SDPA.assert_supported(head_dim=12)  # SDPA takes any head dim
+
+
 needs_flash = pytest.mark.skipif(not flash_available(), reason="needs CUDA and flash-attn")
 
 

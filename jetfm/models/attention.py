@@ -45,15 +45,19 @@ class AttentionBackend(str, enum.Enum):
     SDPA = "sdpa"
     FLASH = "flash"
 
-    def assert_supported(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
-        """Raise ValueError if this backend cannot run on `device` with `dtype`.
+    def assert_supported(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                         *, head_dim: int | None = None) -> None:
+        """Raise ValueError if this backend cannot run on `device` with `dtype` and `head_dim`.
 
-        Called when the model is built (device/dtype None = check what can be checked then:
-        for flash, that flash-attn imports and CUDA exists) and again on every flash call with
-        the real tensors' device and dtype (attribute checks only, no host sync).
+        Called when the model is built (with its head_dim; device/dtype None = check what can be
+        checked then: for flash, that flash-attn imports and CUDA exists) and again on every
+        flash call with the real tensors' device and dtype (attribute checks only, no host sync).
         """
         if self is AttentionBackend.SDPA:
             return
+        if head_dim is not None and (head_dim % 8 or head_dim > 256):
+            # flash-attn's kernels: head dims a multiple of 8, at most 256
+            raise ValueError(f"attention backend 'flash' needs a head dim divisible by 8 and <= 256, got {head_dim}; use 'sdpa'")
         if _flash_attn() is None:
             raise ValueError("attention backend 'flash' needs the flash-attn package (pip install 'jetfm[gpu]'); use 'sdpa'")
         if not torch.cuda.is_available():
@@ -133,18 +137,39 @@ class Packing:
         """(B, N, ...) -> (T, ...)."""
         return x_BN.reshape((-1,) + tuple(x_BN.shape[2:])).index_select(0, self.flat_index)
 
+    def _length_order(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(jet order (B,), token order (T,), inverse (T,)): tokens reordered by `order` hold the
+        jets sorted by length (stable), each jet's tokens in their own order."""
+        jet_order = torch.argsort(self.lengths, stable=True)
+        arange_B = torch.arange(self.num_seqs, device=jet_order.device)
+        jet_rank = torch.empty_like(jet_order).index_copy_(0, jet_order, arange_B)
+        order = torch.argsort(jet_rank[self.seq_index] * (self.max_seqlen + 1) + self.position)
+        inverse = torch.empty_like(order).index_copy_(0, order, torch.arange(self.total, device=order.device))
+        return jet_order, order, inverse
+
+    def length_sorted(self) -> tuple["Packing", torch.Tensor, torch.Tensor]:
+        """(packing of the same jets sorted by length, order (T,), inverse (T,)). A stack that
+        reorders its tokens once with `order` (and back with `inverse`) spares every layer's
+        bucketed attention its own reordering (see `bucketing`)."""
+        jet_order, order, inverse = self._length_order()
+        cu = torch.zeros_like(self.cu_seqlens)
+        cu[1:] = torch.cumsum(self.lengths[jet_order], 0)
+        return Packing(cu, self.max_seqlen, self.total, buckets=self.buckets), order, inverse
+
     @functools.cached_property
-    def bucketing(self) -> tuple[torch.Tensor, torch.Tensor, list["Packing"]] | None:
+    def bucketing(self) -> tuple[torch.Tensor | None, torch.Tensor | None, list["Packing"]] | None:
         """(order (T,), inverse (T,), [sub-packing per bucket]) or None for a single bucket:
-        tokens reordered by `order` hold the jets sorted by length, bucket after bucket."""
+        tokens reordered by `order` hold the jets sorted by length, bucket after bucket;
+        order = inverse = None when the jets already are (no reordering needed)."""
         if self.buckets == 1:
             return None
         lengths = self.lengths
-        jet_order = torch.argsort(lengths, stable=True)
-        jet_rank = torch.empty_like(jet_order).index_copy_(0, jet_order, torch.arange(self.num_seqs, device=lengths.device))
-        order = torch.argsort(jet_rank[self.seq_index] * (self.max_seqlen + 1) + self.position)
-        inverse = torch.empty_like(order).index_copy_(0, order, torch.arange(self.total, device=order.device))
-        sorted_lengths = lengths[jet_order].tolist()  # host read (CPU: free)
+        if bool((lengths[1:] >= lengths[:-1]).all()):  # host read (CPU: free)
+            order = inverse = None
+            sorted_lengths = lengths.tolist()
+        else:
+            jet_order, order, inverse = self._length_order()
+            sorted_lengths = lengths[jet_order].tolist()  # host read (CPU: free)
         per_bucket = -(-self.num_seqs // self.buckets)
         parts = []
         for b0 in range(0, self.num_seqs, per_bucket):
@@ -240,10 +265,12 @@ def varlen_attention_qkv(
     if packing.bucketing is None:
         return _sdpa_padded(qkv_T3HD, packing, causal, scale).to(dtype)
     order, inverse, parts = packing.bucketing
+    if order is not None:
+        qkv_T3HD = qkv_T3HD.index_select(0, order)
     # torch.split (not slicing): its backward is one cat, slicing's one zero-filled full-size add per bucket
-    chunks = torch.split(qkv_T3HD.index_select(0, order), [sub.total for sub in parts])
-    outs = [_sdpa_padded(chunk, sub, causal, scale) for chunk, sub in zip(chunks, parts)]
-    return torch.cat(outs).index_select(0, inverse).to(dtype)
+    chunks = torch.split(qkv_T3HD, [sub.total for sub in parts])
+    out_THD = torch.cat([_sdpa_padded(chunk, sub, causal, scale) for chunk, sub in zip(chunks, parts)])
+    return (out_THD if inverse is None else out_THD.index_select(0, inverse)).to(dtype)
 
 
 def _flash_varlen(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen, *, causal: bool, softmax_scale: float | None):
@@ -275,8 +302,9 @@ class KVCache:
     Per layer, k/v are exposed as (B, H, L, D) (`k(layer)`, `v(layer)`); `lengths` (B,) int32
     counts the tokens already cached per sequence. A step writes the new token's k/v of every
     layer at position `lengths`, attends to positions <= lengths, and `advance()` then moves
-    all sequences on by one. Storage is (layers, B, L, H, D) — the layout flash-attn's
-    `flash_attn_with_kvcache` reads and appends to in place; SDPA reads the transposed view.
+    all sequences on by one. Storage is (layers, B, L, H, D) for flash — the layout flash-attn's
+    `flash_attn_with_kvcache` reads and appends to in place — and (layers, B, H, L, D) for SDPA,
+    whose kernel then reads a contiguous prefix instead of copying a transposed view every step.
     """
 
     def __init__(
@@ -293,7 +321,10 @@ class KVCache:
     ):
         self.backend = AttentionBackend(backend)
         self.max_len = int(max_len)
-        shape = (num_layers, batch_size, self.max_len, num_heads, head_dim)
+        if self.backend is AttentionBackend.FLASH:
+            shape = (num_layers, batch_size, self.max_len, num_heads, head_dim)
+        else:
+            shape = (num_layers, batch_size, num_heads, self.max_len, head_dim)
         self._k = torch.zeros(shape, device=device, dtype=dtype)
         self._v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch_size, device=device, dtype=torch.int32)
@@ -313,11 +344,11 @@ class KVCache:
 
     def k(self, layer: int) -> torch.Tensor:
         """(B, H, L, D) view of layer's cached keys."""
-        return self._k[layer].transpose(1, 2)
+        return self._k[layer].transpose(1, 2) if self.backend is AttentionBackend.FLASH else self._k[layer]
 
     def v(self, layer: int) -> torch.Tensor:
         """(B, H, L, D) view of layer's cached values."""
-        return self._v[layer].transpose(1, 2)
+        return self._v[layer].transpose(1, 2) if self.backend is AttentionBackend.FLASH else self._v[layer]
 
     def select(self, index_b: torch.Tensor) -> None:
         """Keep only the sequences `index_b` (b,) int64, in that order (drop finished jets)."""
@@ -347,18 +378,15 @@ class KVCache:
                 softmax_scale=scale, causal=True,
             )
             return out_B1HD[:, 0].to(q_BHD.dtype)
-        arange_B = torch.arange(self.batch_size, device=self.lengths.device)
-        pos_B = self.lengths.long()
-        self._k[layer, arange_B, pos_B] = k_BHD
-        self._v[layer, arange_B, pos_B] = v_BHD
-        used = self.seen + 1  # attend only over the filled prefix of the cache
-        k_BHLD = self.k(layer)[:, :, :used]
-        v_BHLD = self.v(layer)[:, :, :used]
-        mask_B11L = (torch.arange(used, device=pos_B.device)[None, :] <= pos_B[:, None])[:, None, None, :]
+        # all sequences sit at position `seen` (they advance together; select keeps that), so the
+        # new token goes to one slice and the query sees the whole filled prefix: no mask needed
+        pos = self.seen
+        self._k[layer, :, :, pos] = k_BHD
+        self._v[layer, :, :, pos] = v_BHD
+        k_BHLD = self.k(layer)[:, :, : pos + 1]
+        v_BHLD = self.v(layer)[:, :, : pos + 1]
         compute = _sdpa_upcast(q_BHD.dtype, q_BHD.device)
-        out_BH1D = _sdpa(
-            q_BHD[:, :, None].to(compute), k_BHLD.to(compute), v_BHLD.to(compute), attn_mask=mask_B11L, scale=scale
-        )
+        out_BH1D = _sdpa(q_BHD[:, :, None].to(compute), k_BHLD.to(compute), v_BHLD.to(compute), scale=scale)
         return out_BH1D[:, :, 0].to(q_BHD.dtype)
 
 

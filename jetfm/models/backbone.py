@@ -26,6 +26,7 @@ class Block(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.backend = AttentionBackend(backend)
+        self.backend.assert_supported(head_dim=dim // num_heads)
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)

@@ -63,8 +63,6 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.dim % self.num_heads:
             raise ValueError(f"model.dim={self.dim} must be divisible by model.num_heads={self.num_heads}")
-        if self.attention == "flash" and (self.dim // self.num_heads) % 8:
-            raise ValueError(f"flash attention needs a head dim divisible by 8, got {self.dim // self.num_heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.mlp_ratio <= 0 or self.head_mlp_ratio <= 0:

@@ -6,7 +6,6 @@ Token ids: start 0, particle = code + 1 (1..K), stop K + 1.
 from .codebook import Codebook, CodebookCollapseError
 from .config import TokenizerConfig
 from .model import (
-    DecoderCache,
     ParticleTokenizer,
     TokenIdError,
     TokenizerMismatchError,
@@ -23,7 +22,6 @@ from .model import (
 __all__ = [
     "Codebook",
     "CodebookCollapseError",
-    "DecoderCache",
     "ParticleTokenizer",
     "TokenIdError",
     "TokenizerConfig",

@@ -34,7 +34,7 @@ from ..data.features import four_momenta_from_relative
 from ..data.physics import invariant_mass, segment_sum, wrap_phi
 from ..metrics import plots
 from .codebook import counts_statistics, nearest_codes
-from .model import Layout, check_features_match
+from .model import check_features_match, packing_for
 
 #: Features compared as a ratio reco/true (positive, spanning decades); the rest as a difference.
 #: The ratio statistics use particles whose true value is at least the floor: Pythia keeps
@@ -98,7 +98,7 @@ def evaluate(model, loader, cfg, out_dir, *, max_jets: int | None = None, plots:
             if max_jets is not None and sums["jets"] >= max_jets:
                 break
             batch = batch.to(device)
-            layout = Layout.from_cu_seqlens(batch.cu_seqlens, batch.max_seqlen)
+            layout = packing_for(batch.cu_seqlens, batch.x.shape[0], batch.max_seqlen)
             z = model.encode_latents(batch.x, layout)
             codes = nearest_codes(z, model.codebook.vectors())
             q = model.codebook.lookup(codes)

@@ -20,19 +20,20 @@ H hidden width, A heads, E head width (H / A), D latent width, K codes, L cache 
 
 Token ids (docs/DATA.md): start 0, particle code + 1 (1..K), stop K + 1.
 
-Layout: tokens stay packed (T, H) through every Linear, LayerNorm and MLP; only attention pads
-q/k/v, per group of ≤ ATTENTION_GROUP_JETS jets sorted by multiplicity (Layout), and runs
-torch SDPA — `is_causal=True` in the decoder, a key-padding mask in the encoder. (The shared
-packed attention module, jetfm/models/attention.py, may replace this later.)
+Layout: encoder and decoder are the backbone's `Stack` of blocks (models/backbone.py) on packed
+jets, so attention goes through models/attention.py like everywhere else: flash-attn varlen on
+GPU (`tokenizer.attention: flash`), SDPA with length buckets and an fp32 core on CPU; the
+decoder's incremental decoding uses the same `KVCache` as generation. Export format v2; v1
+exports (the tokenizer's own blocks, before it shared the stack) load through a key remap.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-import os
+import re
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -47,11 +48,16 @@ from ..data.features import (
     feature_spec,
     same_features,
 )
+from ..models.attention import AttentionBackend, KVCache, Packing
+from ..models.backbone import Stack
 from .codebook import Codebook, CodebookCollapseError, code_statistics, collapse_message, nearest_codes
 from .config import TokenizerConfig
 
 CHECKPOINT_FORMAT = "jetfm-tokenizer"
-CHECKPOINT_VERSION = 1
+#: 2: encoder/decoder are models.backbone.Stack (keys encoder.blocks.i.qkv, ...);
+#: 1: the tokenizer's own blocks (encoder.i.attn.qkv, ...), read through V1_KEY_REMAP.
+CHECKPOINT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CONFIG_FILE = "tokenizer.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -120,179 +126,20 @@ def strip_start_stop(ids: torch.Tensor, cu_seqlens: torch.Tensor, codebook_size:
 
 
 # ---------------------------------------------------------------------- packing
-#: Jets padded together in one attention call. Jets are sorted by multiplicity and cut into
-#: groups of this many, so a group pads to its own longest jet: on Pythia jets (mean ≈ 65,
-#: max 128 particles) this removes most of the attention work spent on padding.
-ATTENTION_GROUP_JETS = 32
-
-
-@dataclass
-class Segment:
-    """Whole jets occupying packed rows [start, stop), padded together to (n_jets, max_len)."""
-
-    start: int
-    stop: int
-    jet_index: torch.Tensor  # (stop - start,) int64, local jet of every row
-    position: torch.Tensor  # (stop - start,) int64, position within its jet
-    num_jets: int
-    max_len: int
-
-    @classmethod
-    def from_lengths(cls, lengths: torch.Tensor, start: int = 0, max_len: int | None = None) -> "Segment":
-        device = lengths.device
-        num_jets = lengths.numel()
-        jet_index = torch.repeat_interleave(torch.arange(num_jets, device=device), lengths)
-        starts = torch.cumsum(lengths, 0) - lengths
-        position = torch.arange(jet_index.numel(), device=device) - starts[jet_index]
-        if max_len is None:
-            max_len = int(lengths.max()) if num_jets else 0
-        return cls(start, start + jet_index.numel(), jet_index, position, num_jets, max_len)
-
-    def pad(self, values_T: torch.Tensor) -> torch.Tensor:
-        """Packed (T, ...) rows of this segment -> (n_jets, max_len, ...), zeros at padding."""
-        out = values_T.new_zeros((self.num_jets, self.max_len) + tuple(values_T.shape[1:]))
-        out[self.jet_index, self.position] = values_T
-        return out
-
-    def unpad(self, values_BN: torch.Tensor) -> torch.Tensor:
-        return values_BN[self.jet_index, self.position]
-
-    def mask(self) -> torch.Tensor:
-        """(n_jets, max_len) True at real particles."""
-        mask = torch.zeros(self.num_jets, self.max_len, dtype=torch.bool, device=self.jet_index.device)
-        mask[self.jet_index, self.position] = True
-        return mask
-
-
-class Layout(Segment):
-    """Packed jets as given (pad/unpad/mask over the whole batch) plus the attention plan:
-    `order` sorts rows so that jets run longest first, `segments` cut the sorted rows into
-    groups of ATTENTION_GROUP_JETS jets, `inverse` undoes `order`."""
-
-    order: torch.Tensor | None = None
-    inverse: torch.Tensor | None = None
-    segments: list[Segment] = ()
-
-    @classmethod
-    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, max_seqlen: int | None = None,
-                        group_jets: int | None = None) -> "Layout":
-        group_jets = group_jets or ATTENTION_GROUP_JETS
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        whole = Segment.from_lengths(lengths, 0, max_seqlen)
-        layout = cls(whole.start, whole.stop, whole.jet_index, whole.position, whole.num_jets, whole.max_len)
-        if whole.num_jets <= group_jets:
-            layout.segments = [whole]
-            return layout
-        order_jets = torch.argsort(lengths, descending=True, stable=True)
-        sorted_lengths = lengths[order_jets]
-        # rows of the sorted jets: each jet's original start + its position
-        sorted_seg = Segment.from_lengths(sorted_lengths, 0, whole.max_len)
-        layout.order = cu_seqlens[:-1].long()[order_jets][sorted_seg.jet_index] + sorted_seg.position
-        layout.inverse = torch.empty_like(layout.order)
-        layout.inverse[layout.order] = torch.arange(layout.order.numel(), device=layout.order.device)
-        bounds = torch.cumsum(sorted_lengths, 0).tolist()
-        maxima = sorted_lengths[::group_jets].tolist()  # longest jet of each group comes first
-        layout.segments = []
-        for g, first in enumerate(range(0, whole.num_jets, group_jets)):
-            last = min(first + group_jets, whole.num_jets)
-            start = bounds[first - 1] if first else 0
-            layout.segments.append(Segment.from_lengths(sorted_lengths[first:last], start, maxima[g]))
-        return layout
-
-    def sort(self, values_T: torch.Tensor) -> torch.Tensor:
-        return values_T if self.order is None else values_T[self.order]
-
-    def unsort(self, values_T: torch.Tensor) -> torch.Tensor:
-        return values_T if self.inverse is None else values_T[self.inverse]
+def packing_for(cu_seqlens: torch.Tensor, total: int, max_seqlen: int | None = None) -> Packing:
+    """The shared attention bookkeeping (models/attention.py) for `total` packed particles.
+    max_seqlen None reads the longest multiplicity from cu_seqlens: one host read, for the
+    inference entry points; the training batch knows its bound."""
+    if max_seqlen is None:
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        max_seqlen = int(lengths.max()) if lengths.numel() else 1
+    return Packing(cu_seqlens, max(int(max_seqlen), 1), total)
 
 
 def shuffle_within_jets(jet_index_T: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """A permutation (T,) that shuffles particles inside each jet and keeps jets in place."""
     noise = torch.rand(jet_index_T.numel(), generator=generator, dtype=torch.float64, device=jet_index_T.device)
     return torch.argsort(jet_index_T.double() + noise)
-
-
-# ---------------------------------------------------------------------- blocks
-class SelfAttention(nn.Module):
-    """Multi-head self-attention within jets. Tokens stay packed (T, H); only q, k, v are
-    padded to (B, A, N, E) for torch SDPA, so the projections never compute on padding."""
-
-    def __init__(self, dim: int, heads: int, dropout: float):
-        super().__init__()
-        self.heads, self.dropout = heads, dropout
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x_TH: torch.Tensor, layout: "Layout", *, causal: bool, masks=None) -> torch.Tensor:
-        """x_TH in layout-sorted row order; masks: per segment (B, N) key masks (bidirectional only)."""
-        T, H = x_TH.shape
-        qkv_TX = self.qkv(x_TH)
-        p = self.dropout if self.training else 0.0
-        outputs = []
-        for i, segment in enumerate(layout.segments):
-            qkv_BNX = segment.pad(qkv_TX[segment.start : segment.stop])
-            q, k, v = qkv_BNX.view(segment.num_jets, segment.max_len, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
-            if causal:
-                # padding sits after every real particle, so a real query never reaches it
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-            else:
-                if masks is None:
-                    raise ValueError("bidirectional attention over padded jets needs key masks")
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[i][:, None, None, :], dropout_p=p)
-            outputs.append(segment.unpad(y.transpose(1, 2)).reshape(-1, H))
-        return self.proj(outputs[0] if len(outputs) == 1 else torch.cat(outputs))
-
-    def step(self, x_BH: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: int) -> torch.Tensor:
-        """One new particle per jet at `position`: store its key/value, attend to 0..position."""
-        B, H = x_BH.shape
-        q, k, v = self.qkv(x_BH).view(B, 3, self.heads, 1, H // self.heads).unbind(1)
-        k_cache[:, :, position : position + 1] = k
-        v_cache[:, :, position : position + 1] = v
-        # the single query at `position` may see every cached position: no mask
-        y = F.scaled_dot_product_attention(q, k_cache[:, :, : position + 1], v_cache[:, :, : position + 1])
-        return self.proj(y.reshape(B, H))
-
-
-class Block(nn.Module):
-    """Pre-LayerNorm transformer block on packed tokens: x + attn(LN x), then x + MLP(LN x)."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: int, dropout: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = SelfAttention(dim, heads, dropout)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x_TH, layout: "Layout", *, causal: bool, masks=None):
-        x_TH = x_TH + self.drop(self.attn(self.norm1(x_TH), layout, causal=causal, masks=masks))
-        return x_TH + self.drop(self.mlp(self.norm2(x_TH)))
-
-    def step(self, x_BH, k_cache, v_cache, position: int):
-        x_BH = x_BH + self.attn.step(self.norm1(x_BH), k_cache, v_cache, position)
-        return x_BH + self.mlp(self.norm2(x_BH))
-
-
-@dataclass
-class DecoderCache:
-    """Keys/values of every decoder block for B jets decoded in lockstep, one particle per step."""
-
-    keys: list[torch.Tensor]  # per block (B, A, L, E)
-    values: list[torch.Tensor]
-    length: int = 0  # particles decoded so far
-
-    @property
-    def batch_size(self) -> int:
-        return self.keys[0].shape[0]
-
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[2]
-
-    def select(self, index_b: torch.Tensor) -> None:
-        """Keep only the jets `index_b` (b,) int64, in that order (drop finished jets)."""
-        self.keys = [k.index_select(0, index_b) for k in self.keys]
-        self.values = [v.index_select(0, index_b) for v in self.values]
 
 
 # ---------------------------------------------------------------------- the model
@@ -306,10 +153,12 @@ class ParticleTokenizer(nn.Module):
         self.feature_names = self.preprocessing.names
         self.max_particles = max_particles
         n_features, H = len(self.feature_names), cfg.hidden_dim
-        block = lambda: Block(H, cfg.num_heads, cfg.mlp_ratio, cfg.dropout)  # noqa: E731
+        self.backend = AttentionBackend(cfg.attention)
+        self.backend.assert_supported(head_dim=H // cfg.num_heads)
+        # the backbone's blocks (models/backbone.py): one attention stack in jetfm
+        stack = lambda n: Stack(n, H, cfg.num_heads, cfg.mlp_ratio, cfg.dropout, self.backend)  # noqa: E731
         self.embed = nn.Linear(n_features, H)
-        self.encoder = nn.ModuleList(block() for _ in range(cfg.encoder_blocks))
-        self.encoder_norm = nn.LayerNorm(H)
+        self.encoder = stack(cfg.encoder_blocks)  # bidirectional, + final LayerNorm
         self.to_latent = nn.Linear(H, cfg.latent_dim)
         self.codebook = Codebook(
             cfg.codebook_size, cfg.latent_dim, update=cfg.codebook_update, beta=cfg.beta, affine_lr=cfg.affine_lr,
@@ -317,8 +166,7 @@ class ParticleTokenizer(nn.Module):
             kmeans_iters=cfg.kmeans_iters, pool_size=cfg.replacement_pool,
         )
         self.from_latent = nn.Linear(cfg.latent_dim, H)
-        self.decoder = nn.ModuleList(block() for _ in range(cfg.decoder_blocks))
-        self.decoder_norm = nn.LayerNorm(H)
+        self.decoder = stack(cfg.decoder_blocks)  # causal, + final LayerNorm
         self.head = nn.Linear(H, n_features)
         self.window_utilisation = float("nan")  # fraction of codes used in the last dead-code window
         self.dead_codes_replaced = 0
@@ -338,30 +186,32 @@ class ParticleTokenizer(nn.Module):
                 f"tokenizer expects particle features (T, {self.n_features}) = {self.feature_names}, got {tuple(x_TF.shape)}"
             )
 
-    def encode_latents(self, x_TF: torch.Tensor, layout: Layout) -> torch.Tensor:
-        """Encoder outputs z (T, D) before quantisation."""
-        h_TH = self.embed(layout.sort(x_TF))
-        masks = [segment.mask() for segment in layout.segments]
-        for block in self.encoder:
-            h_TH = block(h_TH, layout, causal=False, masks=masks)
-        return layout.unsort(self.to_latent(self.encoder_norm(h_TH)))
+    @staticmethod
+    def _run(stack: Stack, h_TH: torch.Tensor, packing: Packing, *, causal: bool) -> torch.Tensor:
+        """stack(h) with the jets sorted by length once for the whole stack when attention runs
+        in length buckets (CPU), instead of a reordering in every layer."""
+        if packing.bucketing is None or packing.bucketing[0] is None:
+            return stack(h_TH, packing, causal=causal)
+        sorted_packing, order_T, inverse_T = packing.length_sorted()
+        return stack(h_TH.index_select(0, order_T), sorted_packing, causal=causal).index_select(0, inverse_T)
 
-    def decode_latents(self, q_TD: torch.Tensor, layout: Layout) -> torch.Tensor:
+    def encode_latents(self, x_TF: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """Encoder outputs z (T, D) before quantisation (`packing`: packing_for(cu_seqlens, T))."""
+        return self.to_latent(self._run(self.encoder, self.embed(x_TF), packing, causal=False))
+
+    def decode_latents(self, q_TD: torch.Tensor, packing: Packing) -> torch.Tensor:
         """Causal decoder: features (T, F) from (quantised) latents (T, D), in the given order."""
-        h_TH = self.from_latent(layout.sort(q_TD))
-        for block in self.decoder:
-            h_TH = block(h_TH, layout, causal=True)
-        return layout.unsort(self.head(self.decoder_norm(h_TH)))
+        return self.head(self._run(self.decoder, self.from_latent(q_TD), packing, causal=True))
 
     def forward(self, batch) -> dict:
         x_TF = batch.x
         self._check_x(x_TF)
-        layout = Layout.from_cu_seqlens(batch.cu_seqlens, batch.max_seqlen)
+        packing = packing_for(batch.cu_seqlens, x_TF.shape[0], batch.max_seqlen)
         if self.training and self.cfg.shuffle_particles:
-            x_TF = x_TF[shuffle_within_jets(layout.jet_index)]
-        z_TD = self.encode_latents(x_TF, layout)
+            x_TF = x_TF[shuffle_within_jets(packing.seq_index)]
+        z_TD = self.encode_latents(x_TF, packing)
         zq_TD, codes_T, vq_loss = self.codebook(z_TD)
-        recon_TF = self.decode_latents(zq_TD, layout)
+        recon_TF = self.decode_latents(zq_TD, packing)
         # packed rows are exactly the real particles: this is the masked MSE
         recon_loss = F.mse_loss(recon_TF.float(), x_TF.float())
         perplexity, utilisation = code_statistics(codes_T, self.codebook_size)
@@ -392,39 +242,33 @@ class ParticleTokenizer(nn.Module):
         """Codebook parameters are never decayed (the trainer decays Linear weights only anyway)."""
         return {name for name, _ in self.named_parameters() if name.startswith("codebook.")}
 
-    def export(self, directory) -> Path:
-        """Save as a stand-alone tokenizer (tokenizer.checkpoint of later stages): save_tokenizer."""
-        return save_tokenizer(self, directory)
-
     # ---------------------------------------------------------------- inference
     @torch.no_grad()
     def encode(self, x_TF: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> torch.Tensor:
         """Token ids (T,) int64 = nearest code + 1 of every particle (preprocessed features, stored order)."""
         self._check_x(x_TF)
-        layout = Layout.from_cu_seqlens(cu_seqlens, max_seqlen)
-        z_TD = self.encode_latents(x_TF, layout)
+        z_TD = self.encode_latents(x_TF, packing_for(cu_seqlens, x_TF.shape[0], max_seqlen))
         return nearest_codes(z_TD, self.codebook.vectors()) + 1
 
     @torch.no_grad()
     def decode(self, token_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> torch.Tensor:
         """Preprocessed features (T, F) from particle token ids 1..K (no start/stop), causally in the given order."""
         check_token_ids(token_ids, self.codebook_size, where="decode")
-        layout = Layout.from_cu_seqlens(cu_seqlens, max_seqlen)
-        return self.decode_latents(self.codebook.lookup(token_ids.long() - 1), layout)
+        packing = packing_for(cu_seqlens, token_ids.shape[0], max_seqlen)
+        return self.decode_latents(self.codebook.lookup(token_ids.long() - 1), packing)
 
-    def new_cache(self, batch_size: int, capacity: int | None = None, device=None, dtype=None) -> DecoderCache:
-        """An empty KV cache for `batch_size` jets of up to `capacity` (default max_particles) particles."""
-        capacity = capacity or self.max_particles
+    def new_cache(self, batch_size: int, capacity: int | None = None, device=None, dtype=None) -> KVCache:
+        """An empty decoder KV cache (models/attention.py) for `batch_size` jets of up to `capacity`
+        (default max_particles) particles; flash needs a bf16/fp16 cache (dtype)."""
         reference = self.head.weight
-        device, dtype = device or reference.device, dtype or reference.dtype
-        shape = (batch_size, self.cfg.num_heads, capacity, self.cfg.hidden_dim // self.cfg.num_heads)
-        return DecoderCache(
-            keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.decoder],
-            values=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.decoder],
+        return KVCache(
+            self.cfg.decoder_blocks, batch_size, self.cfg.num_heads, self.cfg.hidden_dim // self.cfg.num_heads,
+            capacity or self.max_particles, device=device or reference.device, dtype=dtype or reference.dtype,
+            backend=self.backend,
         )
 
     @torch.no_grad()
-    def decode_step(self, cache: DecoderCache, new_token_ids: torch.Tensor) -> torch.Tensor:
+    def decode_step(self, cache: KVCache, new_token_ids: torch.Tensor) -> torch.Tensor:
         """Decode the next particle (B, F) of every jet from its particle token id (B,), 1..K.
 
         Jets advance in lockstep (one cache position per call); a jet that has ended (stop
@@ -434,13 +278,11 @@ class ParticleTokenizer(nn.Module):
         if new_token_ids.ndim != 1 or new_token_ids.shape[0] != cache.batch_size:
             raise ValueError(f"decode_step: expected token ids of shape ({cache.batch_size},), got {tuple(new_token_ids.shape)}")
         check_token_ids(new_token_ids, self.codebook_size, where="decode_step")
-        if cache.length >= cache.capacity:
-            raise ValueError(f"decode_step: the cache is full ({cache.capacity} particles); make a larger one with new_cache")
-        h_BH = self.from_latent(self.codebook.lookup(new_token_ids.long() - 1))
-        for block, k_cache, v_cache in zip(self.decoder, cache.keys, cache.values):
-            h_BH = block.step(h_BH, k_cache, v_cache, cache.length)
-        cache.length += 1
-        return self.head(self.decoder_norm(h_BH))
+        if cache.seen >= cache.max_len:
+            raise ValueError(f"decode_step: the cache is full ({cache.max_len} particles); make a larger one with new_cache")
+        h_BH = self.decoder.step(self.from_latent(self.codebook.lookup(new_token_ids.long() - 1)), cache)
+        cache.advance()
+        return self.head(h_BH)
 
     # ---------------------------------------------------------------- description
     def description(self) -> dict:
@@ -523,22 +365,48 @@ def save_tokenizer(model: ParticleTokenizer, directory) -> Path:
 
 
 def read_description(directory) -> dict:
-    """tokenizer.json of a saved tokenizer, checked."""
+    """tokenizer.json of a saved tokenizer, checked (any of READABLE_VERSIONS)."""
     path = Path(directory) / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no tokenizer here; expected a directory written by save_tokenizer")
     meta = json.loads(path.read_text())
-    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("format_version") != CHECKPOINT_VERSION:
+    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(
             f"{path}: format {meta.get('format')!r} v{meta.get('format_version')}, "
-            f"this jetfm reads {CHECKPOINT_FORMAT!r} v{CHECKPOINT_VERSION}"
+            f"this jetfm reads {CHECKPOINT_FORMAT!r} v{', v'.join(map(str, READABLE_VERSIONS))}"
         )
     return meta
 
 
-def load_tokenizer(directory, *, device="cpu", features=None, where: str = "config data.features") -> ParticleTokenizer:
+#: format v1 parameter names -> v2 (regex, replacement), applied in order to every key.
+V1_KEY_REMAP = (
+    (r"^(encoder|decoder)\.(\d+)\.attn\.(qkv|proj)\.", r"\1.blocks.\2.\3."),
+    (r"^(encoder|decoder)\.(\d+)\.mlp\.0\.", r"\1.blocks.\2.fc1."),
+    (r"^(encoder|decoder)\.(\d+)\.mlp\.2\.", r"\1.blocks.\2.fc2."),
+    (r"^(encoder|decoder)\.(\d+)\.(norm1|norm2)\.", r"\1.blocks.\2.\3."),
+    (r"^(encoder|decoder)_norm\.", r"\1.norm."),
+)
+
+
+def upgrade_state_dict(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
+    """Parameter names of a format-`version` export as this jetfm names them (v1 -> v2 remap)."""
+    if version == 1:
+        renamed = {}
+        for key, value in state.items():
+            for pattern, replacement in V1_KEY_REMAP:
+                key = re.sub(pattern, replacement, key)
+            renamed[key] = value
+        return renamed
+    return state
+
+
+def load_tokenizer(directory, *, device="cpu", features=None, where: str = "config data.features",
+                   attention: str = "sdpa") -> ParticleTokenizer:
     """Load a saved tokenizer in eval mode (safetensors: no code runs). If `features` is given
-    (a feature/preprocessing description), raise TokenizerMismatchError unless it matches."""
+    (a feature/preprocessing description), raise TokenizerMismatchError unless it matches.
+
+    `attention` is the backend to run with, whatever the export was trained with (weights do not
+    depend on it): sdpa by default, since inference runs in fp32, which flash-attn refuses."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -547,8 +415,10 @@ def load_tokenizer(directory, *, device="cpu", features=None, where: str = "conf
     unknown = set(meta["config"]) - known
     if unknown:
         raise ValueError(f"{directory / CONFIG_FILE}: unknown tokenizer config keys {sorted(unknown)}")
-    model = ParticleTokenizer(TokenizerConfig(**meta["config"]), meta["preprocessing"], meta["max_particles"])
-    model.load_state_dict(load_file(str(directory / meta.get("weights", WEIGHTS_FILE)), device="cpu"))
+    cfg = TokenizerConfig(**{**meta["config"], "attention": attention})
+    model = ParticleTokenizer(cfg, meta["preprocessing"], meta["max_particles"])
+    state = load_file(str(directory / meta.get("weights", WEIGHTS_FILE)), device="cpu")
+    model.load_state_dict(upgrade_state_dict(state, meta["format_version"]))
     if features is not None:
         check_features_match(model.preprocessing, features, f"tokenizer {directory}", where)
     return model.to(device).eval()
