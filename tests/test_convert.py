@@ -411,3 +411,74 @@ def test_first_bad_row_is_reported(tmp_path):
     write_toptag(tmp_path / "t.h5", truth, "fixed", label=label)
     with pytest.raises(DataError, match=r"row 1: invalid label \(is_signal_new = -1, expected 0 or 1"):
         convert_toptag(str(tmp_path / "t.h5"), tmp_path / "out", progress=False)
+
+
+# ----------------------------------------------------------------------------- hostile table-format files
+class _Payload:
+    """Unpickling this creates `marker` (what a hostile file's attribute could do instead)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _plant(path, where, attribute, marker):
+    """Replace one pickled attribute of a pandas table-format file with a payload pickle."""
+    import pickle
+
+    import h5py
+
+    with h5py.File(path, "r+") as h5:
+        h5[where].attrs[attribute] = np.bytes_(pickle.dumps([_Payload(marker)], protocol=0))
+
+
+def test_table_format_payload_in_non_index_axes_never_runs(tmp_path):
+    truth = toptag_truth(np.random.default_rng(16), 12)
+    path = tmp_path / "evil.h5"
+    write_toptag(path, truth, "table")
+    marker = tmp_path / "marker"
+    _plant(path, "table", "non_index_axes", marker)
+
+    manifest = convert_toptag(str(path), tmp_path / "out", max_particles=N_SLOTS, progress=False)
+    assert not marker.exists()  # nothing of the file was unpickled
+    assert manifest.n_jets("train") == 12  # and the jets are the right ones
+    jets = read_back(tmp_path / "out")
+    for b, p4 in enumerate(truth["parts"]):
+        np.testing.assert_array_equal(jets.part[jets.offsets[b]:jets.offsets[b + 1]], expected_particles(p4, N_SLOTS))
+    np.testing.assert_array_equal(jets.label, truth["label"])
+
+    # the payload is live: the explicit opt-in (pandas/PyTables) runs it (and then trips on its result)
+    with pytest.raises(TypeError):
+        convert_toptag(str(path), tmp_path / "trusted", progress=False, allow_pickle=True)
+    assert marker.exists()
+
+
+def test_table_format_payload_in_column_names_is_refused(tmp_path):
+    path = tmp_path / "evil.h5"
+    write_toptag(path, toptag_truth(np.random.default_rng(17), 6), "table")
+    marker = tmp_path / "marker"
+    _plant(path, "table/table", "values_block_0_kind", marker)
+    parser = add_convert_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["toptag", str(path), "--out", str(tmp_path / "out"), "--no-progress"])
+    with pytest.raises(DataError) as error:
+        run_convert(args)
+    message = str(error.value)
+    assert str(path) in message and "values_block_0_kind" in message
+    assert "--allow-pickle" in message and "run code" in message
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_table_format_data_columns(tmp_path):
+    """Data columns are fields of their own, named after the column (no pickle needed)."""
+    truth = toptag_truth(np.random.default_rng(18), 9)
+    path = tmp_path / "dc.h5"
+    write_toptag(path, truth, "table")
+    frame = pd.read_hdf(path, "table")
+    frame.to_hdf(tmp_path / "dc2.h5", key="table", format="table", data_columns=["is_signal_new", "E_0"])
+    convert_toptag(str(tmp_path / "dc2.h5"), tmp_path / "out", max_particles=N_SLOTS, progress=False)
+    jets = read_back(tmp_path / "out")
+    np.testing.assert_array_equal(jets.label, truth["label"])
+    for b, p4 in enumerate(truth["parts"]):
+        np.testing.assert_array_equal(jets.part[jets.offsets[b]:jets.offsets[b + 1]], expected_particles(p4, N_SLOTS))

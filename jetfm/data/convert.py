@@ -310,12 +310,20 @@ class TopTagFile:
 
     Fixed format is read with h5py straight from the block arrays (`{key}/block{i}_values`,
     column names in `{key}/block{i}_items`), so no row range is ever loaded beyond the step.
-    Table format goes through pandas `HDFStore.select(start=, stop=)`.
+
+    Table format is read with h5py too, never through pandas/PyTables: PyTables unpickles five
+    attributes of every table-format file (`non_index_axes`, `values_cols`, `info`, ...), and a
+    pickle can run any code. The rows are the compound dataset `{key}/table` (fields `index`,
+    `values_block_N` of shape (k,), and one scalar field per pandas data column); the names of a
+    block's columns exist only as a pickled list in the dataset attribute `values_block_N_kind`,
+    which `pickled_names` decodes opcode by opcode, accepting only a list of strings and refusing
+    anything that would import or call. `allow_pickle=True` (`--allow-pickle`) goes through
+    pandas `HDFStore.select` instead, for files the safe reader refuses and the user trusts.
     """
 
     kind = "toptag"
 
-    def __init__(self, path: str, key: str = "table"):
+    def __init__(self, path: str, key: str = "table", allow_pickle: bool = False):
         import h5py
 
         self.path = path
@@ -348,20 +356,50 @@ class TopTagFile:
                     self.columns[name] = (b, column)
             first = self._blocks[0] if self._blocks else None
             self.n_entries = 0 if first is None else first[0].shape[0 if first[1] else 1]
-        elif pandas_type == "frame_table":
+        elif pandas_type == "frame_table" and allow_pickle:
             import pandas as pd
 
-            self.format = "table"
+            self.format = "table-pandas"
             self._h5.close()
             self._store = pd.HDFStore(path, mode="r")
-            storer = self._store.get_storer(key)
-            self.n_entries = int(storer.nrows)
-            self.columns = {name: None for name in self._store.select(key, start=0, stop=0).columns}
+            try:
+                self.n_entries = int(self._store.get_storer(key).nrows)
+                self.columns = {name: None for name in self._store.select(key, start=0, stop=0).columns}
+            except BaseException:
+                self._store.close()
+                raise
+        elif pandas_type == "frame_table":
+            self.format = "table"
+            self._open_table(group)
         else:
             raise DataError(
                 f"{path}: {key!r} is not a pandas DataFrame (pandas_type {pandas_type!r}); expected "
                 f"DataFrame.to_hdf(path, key={key!r}) in fixed or table format"
             )
+
+    def _open_table(self, group) -> None:
+        """Column name -> (field, column or None) of a table-format frame, from plain attributes
+        and pickled name lists decoded without unpickling."""
+        where = f"{self.path}: {self.key}/table"
+        table = group.get("table")
+        if table is None or not hasattr(table, "dtype") or table.dtype.names is None:
+            raise DataError(f"{where}: missing or not a compound dataset; expected a pandas table-format frame")
+        self._table = table
+        self.n_entries = int(table.shape[0])
+        self.columns = {}
+        for name in table.dtype.names:
+            if name == "index":
+                continue
+            shape = table.dtype[name].shape
+            if not shape:  # a data column: the field is named after it
+                self.columns[name] = (name, None)
+                continue
+            attr = f"{name}_kind"
+            names = pickled_names(table.attrs.get(attr), f"{where} attribute {attr!r}")
+            if len(names) != shape[0]:
+                raise DataError(f"{where}: attribute {attr!r} names {len(names)} columns, field {name!r} has {shape[0]}")
+            for column, column_name in enumerate(names):
+                self.columns[column_name] = (name, column)
 
     def schema(self) -> tuple[list[str], list[str]]:
         index = {}
@@ -392,9 +430,16 @@ class TopTagFile:
 
     def _read(self, start: int, stop: int) -> np.ndarray:
         """(stop - start, 4 * n_slots + 1) float64 in `self.wanted` order."""
-        if self.format == "table":
+        if self.format == "table-pandas":
             frame = self._store.select(self.key, start=start, stop=stop)
             return frame[self.wanted].to_numpy(np.float64)
+        if self.format == "table":
+            rows = self._table[start:stop]
+            out = np.empty((stop - start, len(self.wanted)), np.float64)
+            for j, name in enumerate(self.wanted):
+                field, column = self.columns[name]
+                out[:, j] = rows[field] if column is None else rows[field][:, column]
+            return out
         out = np.empty((stop - start, len(self.wanted)), np.float64)
         by_block: dict[int, list[tuple[int, int]]] = {}
         for j, name in enumerate(self.wanted):
@@ -454,6 +499,78 @@ class TopTagFile:
             self._store.close()
         else:
             self._h5.close()
+
+
+#: Pickle opcodes that build a list of strings (pandas' protocol-0 name lists and newer protocols);
+#: any other opcode (GLOBAL, STACK_GLOBAL, REDUCE, INST, OBJ, BUILD, NEWOBJ, ...) is refused.
+_NAME_LIST_OPS = {
+    "PROTO", "FRAME", "MARK", "STOP", "EMPTY_LIST", "LIST", "APPEND", "APPENDS",
+    "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "STRING", "BINSTRING", "SHORT_BINSTRING",
+    "PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE", "GET", "BINGET", "LONG_BINGET",
+}
+
+
+def pickled_names(value, where: str) -> list[str]:
+    """The list of strings a pickle encodes, read from its opcodes without unpickling.
+
+    pandas stores a table block's column names only as a pickled list; `pickle.loads` on a file
+    from elsewhere could run anything, so this walks the opcode stream (`pickletools.genops`
+    parses, it never executes) and accepts only what builds a flat list of strings.
+    """
+    import pickletools
+
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value[()]
+    if not isinstance(value, (bytes, np.bytes_)):
+        raise DataError(f"{where}: missing or not a byte string; expected pandas' pickled list of column names")
+    data = bytes(value)
+    refuse = (f"{where}: is not a plain pickled list of column names; reading it would mean unpickling, which "
+              f"can run code hidden in the file. Convert only files you trust with --allow-pickle "
+              f"(reads through pandas/PyTables), or re-save the file with pandas format='fixed'")
+    stack: list = []
+    marks: list[int] = []
+    memo: dict = {}
+    result = None
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            name = op.name
+            if name not in _NAME_LIST_OPS:
+                raise DataError(f"{refuse} (opcode {name})")
+            if name == "MARK":
+                marks.append(len(stack))
+            elif name == "EMPTY_LIST":
+                stack.append([])
+            elif name == "LIST":
+                start = marks.pop()
+                items = stack[start:]
+                del stack[start:]
+                stack.append(list(items))
+            elif name == "APPEND":
+                item = stack.pop()
+                stack[-1].append(item)
+            elif name == "APPENDS":
+                start = marks.pop()
+                items = stack[start:]
+                del stack[start:]
+                stack[-1].extend(items)
+            elif name in ("UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "STRING", "BINSTRING",
+                          "SHORT_BINSTRING"):
+                stack.append(arg if isinstance(arg, str) else bytes(arg).decode("utf-8"))
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = stack[-1]
+            elif name == "MEMOIZE":
+                memo[len(memo)] = stack[-1]
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo[arg])
+            elif name == "STOP":
+                result = stack.pop() if len(stack) == 1 else None
+    except DataError:
+        raise
+    except Exception as error:  # malformed opcode stream, list ops on a string, unknown memo key
+        raise DataError(f"{refuse} ({type(error).__name__}: {error})") from error
+    if not isinstance(result, list) or not all(isinstance(item, str) for item in result):
+        raise DataError(refuse)
+    return result
 
 
 def _attr_str(value) -> str | None:
@@ -803,11 +920,16 @@ def convert_toptag(
     progress: bool = True,
     interleave: int = 16,
     key: str = "table",
+    allow_pickle: bool = False,
 ) -> Manifest:
-    """Convert top-tagging pandas HDF5 files (fixed or table format) into shards; see convert_jetclass."""
+    """Convert top-tagging pandas HDF5 files (fixed or table format) into shards; see convert_jetclass.
+
+    `allow_pickle` reads table-format files through pandas/PyTables, which unpickles attributes of
+    the file (runs code a hostile file carries): only for trusted files the safe reader refuses.
+    """
     return _convert(
         "toptag",
-        lambda path: TopTagFile(path, key),
+        lambda path: TopTagFile(path, key, allow_pickle),
         TOPTAG_CLASSES,
         files,
         out_dir,
@@ -849,13 +971,17 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                         help="files read round-robin at a time (1: one after another)")
     parser.add_argument("--tree", default="tree", help="JetClass: TTree name")
     parser.add_argument("--key", default="table", help="top tagging: pandas HDF5 key")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="top tagging: read table-format files through pandas/PyTables, which unpickles "
+                             "attributes of the file and so runs any code it carries; only for trusted files "
+                             "that the safe reader refuses")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def run_convert(args: argparse.Namespace) -> int:
     """Run a parsed `jetfm data convert`; returns 0, or 2 on inconsistent arguments. Bad input raises DataError."""
-    extra = {"tree": args.tree} if args.kind == "jetclass" else {"key": args.key}
+    extra = {"tree": args.tree} if args.kind == "jetclass" else {"key": args.key, "allow_pickle": args.allow_pickle}
     try:
         CONVERTERS[args.kind](
             args.files,
