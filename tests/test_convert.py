@@ -482,3 +482,85 @@ def test_table_format_data_columns(tmp_path):
     np.testing.assert_array_equal(jets.label, truth["label"])
     for b, p4 in enumerate(truth["parts"]):
         np.testing.assert_array_equal(jets.part[jets.offsets[b]:jets.offsets[b + 1]], expected_particles(p4, N_SLOTS))
+
+
+# ----------------------------------------------------------------------------- interrupted conversions
+def _shard_jets(out_dir):
+    """{shard path: its chunks' arrays} of a finished dataset, with the manifest's records."""
+    manifest = Manifest.load(out_dir)
+    from jetfm.data.reader import read_shard_chunks
+
+    shards = {}
+    for split in sorted(manifest.splits):
+        for record in manifest.splits[split]:
+            chunks = list(read_shard_chunks(out_dir / record["path"], manifest))
+            shards[record["path"]] = (record, JetArrays.concat(chunks))
+    return shards
+
+
+def test_sigterm_mid_conversion_then_rerun_equals_uninterrupted(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = np.random.default_rng(19)
+    for k in range(4):
+        write_toptag(tmp_path / f"in{k}.h5", toptag_truth(rng, 1200), "table")
+    args = ["toptag", str(tmp_path / "in*.h5"), "--split-fractions", "0.7,0.2,0.1", "--chunk-size", "40",
+            "--jets-per-shard", "60", "--interleave", "3", "--max-particles", "12", "--no-progress"]
+    parser = add_convert_arguments(argparse.ArgumentParser())
+    assert run_convert(parser.parse_args(args + ["--out", str(tmp_path / "whole")])) == 0
+
+    out = tmp_path / "stopped"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen([sys.executable, "-m", "jetfm.data.convert", *args, "--out", str(out)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    journal = out / "convert-progress.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and child.poll() is None:
+        if journal.exists() and len(json.loads(journal.read_text())["shards"]) >= 5:
+            break
+        time.sleep(0.005)
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(30) == -signal.SIGTERM, child.stderr.read().decode()  # stopped mid-way, not finished
+    child.stderr.close()
+    assert not (out / "manifest.json").exists()
+    finished = json.loads(journal.read_text())["shards"]
+    assert 5 <= len(finished) < len(list((tmp_path / "whole").glob("*/shard-*.tar")))
+    kept = {path: (out / path).stat().st_mtime_ns for path in finished}
+
+    # other settings are refused, naming what differs and the flag that starts over
+    with pytest.raises(DataError, match=r"interrupted conversion.*jets_per_shard.*--restart"):
+        run_convert(parser.parse_args([("70" if a == "60" else a) for a in args] + ["--out", str(out)]))
+
+    assert run_convert(parser.parse_args(args + ["--out", str(out)])) == 0  # the same command continues
+    assert not journal.exists()
+    assert {path: (out / path).stat().st_mtime_ns for path in finished} == kept  # finished shards not rewritten
+    whole, resumed = _shard_jets(tmp_path / "whole"), _shard_jets(out)
+    assert sorted(whole) == sorted(resumed)
+    for path, (record, jets) in whole.items():
+        assert resumed[path][0] == record  # counts and statistics
+        for name in ("part", "offsets", "jet", "label"):
+            np.testing.assert_array_equal(getattr(resumed[path][1], name), getattr(jets, name))
+
+
+def test_restart_discards_an_interrupted_conversion(tmp_path):
+    rng = np.random.default_rng(20)
+    for k in range(2):
+        write_toptag(tmp_path / f"in{k}.h5", toptag_truth(rng, 50), "fixed")
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "shard-000000.tar").write_bytes(b"left by a stopped run")
+    (out / "train" / "shard-000001.tar.tmp").write_bytes(b"half")
+    (out / "convert-progress.json").write_text(json.dumps({"plan": {"first_index": {"train": 0}}, "shards": {
+        "train/shard-000000.tar": {"path": "train/shard-000000.tar", "n_jets": 1}}}))
+    args = ["toptag", str(tmp_path / "in*.h5"), "--jets-per-shard", "30", "--no-progress", "--out", str(out)]
+    parser = add_convert_arguments(argparse.ArgumentParser())
+    with pytest.raises(DataError, match="--restart"):
+        run_convert(parser.parse_args(args))
+    assert run_convert(parser.parse_args(args + ["--restart"])) == 0
+    verify_shards(out, Manifest.load(out))
+    assert Manifest.load(out).n_jets("train") == 100
+    assert not (out / "convert-progress.json").exists() and not list(out.glob("*/*.tmp"))

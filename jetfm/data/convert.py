@@ -24,7 +24,12 @@ jet_nparticles disagreeing with the particles) raise DataError naming file and e
 `skip_bad` they are dropped and counted by reason in `manifest.skipped`.
 
 A conversion is all-or-nothing: shards are published in the manifest when every input file
-has been read; on an error the shards this run wrote are removed and the directory is as before.
+has been read; on an error in the data the shards this run wrote are removed and the directory
+is as before. An *interrupted* conversion (SIGTERM, SIGINT, a killed job) keeps its finished
+shards: `DIR/convert-progress.json` lists them with the command's settings, and rerunning the
+same command continues — the input is read again (the split assignment and the shard boundaries
+are a function of the whole stream), the finished shards are not rewritten, and the result is
+the dataset an uninterrupted run writes. `--restart` discards the interrupted conversion instead.
 Converting into a directory that already holds a compatible dataset appends to it (new shards
 are numbered after the existing ones).
 
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import re
 import sys
@@ -57,8 +63,9 @@ from .format import (
     DataError,
     JetArrays,
 )
+from ..artifacts.atomic import atomic_write_text
 from .physics import jets_from_constituents
-from .shards import Manifest, ShardSetWriter, creation_info
+from .shards import Manifest, ShardRecord, ShardSetWriter, ShardWriter, creation_info
 
 #: Optional JetClass impact-parameter branches, stored after the PID features when present.
 IMPACT_FEATURES = ("part_d0val", "part_d0err", "part_dzval", "part_dzerr")
@@ -658,6 +665,100 @@ def expand_files(patterns: list[str] | str) -> list[str]:
     return files
 
 
+# ----------------------------------------------------------------------------- resuming
+class ConvertProgress:
+    """`DIR/convert-progress.json`: the settings of a conversion under way and its finished shards.
+
+    Written atomically after every finished shard and removed once the manifest lists them, so a
+    conversion stopped any way at all leaves whole shards that this file vouches for.
+    """
+
+    FILENAME = "convert-progress.json"
+
+    def __init__(self, directory: Path, plan: dict, shards: dict[str, dict] | None = None):
+        self.path = Path(directory) / self.FILENAME
+        self.plan = plan
+        self.shards = dict(shards or {})  # relpath -> ShardRecord json
+
+    @classmethod
+    def load(cls, directory: Path) -> "ConvertProgress | None":
+        path = Path(directory) / cls.FILENAME
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            return cls(directory, data["plan"], data["shards"])
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise DataError(f"{path}: unreadable record of an interrupted conversion ({error}); "
+                            f"pass --restart to discard it") from error
+
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps({"plan": self.plan, "shards": self.shards}, indent=1))
+
+    def finished(self, record: ShardRecord) -> None:
+        self.shards[record.path] = record.to_json()
+        self.save()
+
+    def discard(self) -> None:
+        """Remove the interrupted conversion's shards (finished and partial) and this record."""
+        root = self.path.parent
+        for relpath in self.shards:
+            (root / relpath).unlink(missing_ok=True)
+        for split in self.plan.get("first_index", {}):
+            for tmp in (root / split).glob("shard-*.tar.tmp"):
+                tmp.unlink()
+        self.path.unlink(missing_ok=True)
+
+
+class _FinishedShard:
+    """Stands in for a ShardWriter of a shard an interrupted run already wrote: takes its jets
+    (so the following shards start where they did), writes nothing, returns the stored record."""
+
+    def __init__(self, root: Path, relpath: str, record: dict):
+        self.path = Path(root) / relpath
+        self.relpath = relpath
+        self.record = record
+        self.n_jets = 0
+        if not self.path.exists():
+            raise DataError(f"{self.path}: listed as finished in {Path(root) / ConvertProgress.FILENAME} but missing; "
+                            f"pass --restart to convert from scratch")
+
+    def write(self, jets: JetArrays) -> None:
+        self.n_jets += len(jets)
+
+    def close(self) -> ShardRecord:
+        if self.n_jets != self.record["n_jets"]:
+            raise DataError(f"{self.path}: the interrupted conversion wrote {self.record['n_jets']} jets here, this "
+                            f"run routes {self.n_jets}; the input files changed — pass --restart")
+        return ShardRecord(**self.record)
+
+    def abort(self) -> None:
+        pass
+
+
+class _ResumableShardSetWriter(ShardSetWriter):
+    """A ShardSetWriter that skips shards `journal` lists and records each one it finishes."""
+
+    def __init__(self, *args, journal: ConvertProgress, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.journal = journal
+
+    def _open_shard(self, relpath: str) -> ShardWriter | _FinishedShard:
+        if relpath in self.journal.shards:
+            return _FinishedShard(self.root, relpath, self.journal.shards[relpath])
+        return super()._open_shard(relpath)
+
+    def _close_shard(self) -> None:
+        super()._close_shard()
+        self.journal.finished(self.records[-1])
+
+    def interrupt(self) -> None:
+        """Drop only the shard being written: the finished ones stay for a rerun."""
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+
+
 # ----------------------------------------------------------------------------- driver
 def _convert(
     kind: str,
@@ -676,6 +777,7 @@ def _convert(
     progress: bool,
     interleave: int,
     source_extra: dict,
+    restart: bool = False,
 ) -> Manifest:
     fractions = parse_fractions(split_fractions)
     if fractions is not None and split not in (None, "train"):
@@ -724,6 +826,11 @@ def _convert(
         max_particles=max_particles,
         chunk_size=chunk_size,
     )
+    journal = ConvertProgress.load(out_dir)
+    if journal is not None and restart:
+        messages.info(f"{out_dir}: discarding the interrupted conversion's {len(journal.shards)} finished shard(s)")
+        journal.discard()
+        journal = None
     existing = None
     if (out_dir / Manifest.FILENAME).exists():
         existing = Manifest.load(out_dir)
@@ -734,6 +841,9 @@ def _convert(
         if existing.max_particles != max_particles:
             raise DataError(f"{where}: max_particles {existing.max_particles}, this conversion uses {max_particles}")
         again = sorted(set(paths) & set(existing.source.get("files", [])))
+        if again and journal is not None and set(journal.plan["files"]) <= set(existing.source.get("files", [])):
+            journal.path.unlink()  # stopped after publishing the manifest: that conversion is complete
+            journal = None
         if again:
             raise DataError(f"{where}: already holds jets converted from {again}; convert into a fresh --out")
         if existing.chunk_size != chunk_size:
@@ -741,13 +851,43 @@ def _convert(
         manifest = existing
         manifest.source["files"] = list(manifest.source.get("files", [])) + paths
         manifest.source.setdefault("conversions", [])
-    elif any(out_dir.glob("*/shard-*.tar")):
-        raise DataError(f"{out_dir}: holds shards but no {Manifest.FILENAME}; convert into an empty directory")
+    elif journal is None and any(out_dir.glob("*/shard-*.tar")):
+        raise DataError(f"{out_dir}: holds shards but no {Manifest.FILENAME} (nor a {ConvertProgress.FILENAME} of "
+                        f"an interrupted conversion to continue); convert into an empty directory")
 
     assigner = SplitAssigner(split, fractions, seed)
+    plan = {
+        "kind": kind,
+        "files": paths,
+        **settings,
+        **source_extra,
+        "max_particles": max_particles,
+        "chunk_size": manifest.chunk_size,
+        "jets_per_shard": jets_per_shard,
+        "interleave": interleave,
+        "first_index": {name: _next_shard_index(existing, name) for name in assigner.names},
+    }
+    if journal is None:
+        journal = ConvertProgress(out_dir, plan)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        journal.save()
+    elif journal.plan != plan:
+        differ = sorted(k for k in set(plan) | set(journal.plan) if plan.get(k) != journal.plan.get(k))
+        raise DataError(
+            f"{journal.path}: an interrupted conversion is under way in {out_dir} with other settings "
+            f"(differing: {differ}); rerun its command to continue it, or pass --restart to discard "
+            f"its {len(journal.shards)} finished shard(s)"
+        )
+    else:
+        for name in assigner.names:  # the shard that was being written when it stopped
+            for tmp in (out_dir / name).glob("shard-*.tar.tmp"):
+                tmp.unlink()
+        if journal.shards and progress:
+            messages.info(f"continuing the interrupted conversion in {out_dir}: {len(journal.shards)} finished "
+                          f"shard(s) are kept, the input is read again to find where it stopped")
     outputs = [
-        ShardSetWriter(out_dir, name, manifest, jets_per_shard=jets_per_shard,
-                       first_index=_next_shard_index(existing, name))
+        _ResumableShardSetWriter(out_dir, name, manifest, jets_per_shard=jets_per_shard,
+                                 first_index=plan["first_index"][name], journal=journal)
         for name in assigner.names
     ]
     # Seeded file order, then round-robin over a window of `interleave` open files.
@@ -781,11 +921,19 @@ def _convert(
                     bar.set_postfix(skipped=n_read - n_written, refresh=False)
         for output in outputs:
             output.finish()
+    except (KeyboardInterrupt, SystemExit):  # stopped, not failed: keep the finished shards
+        for source, _, _ in active:
+            source.close()
+        for output in outputs:
+            output.interrupt()
+        bar.close()
+        raise
     except BaseException:
         for source, _, _ in active:
             source.close()
         for output in outputs:
             output.abort()
+        journal.path.unlink(missing_ok=True)
         bar.close()
         raise
     bar.close()
@@ -808,6 +956,7 @@ def _convert(
         }
     )
     manifest.save(out_dir)
+    journal.path.unlink(missing_ok=True)
     rate = n_read / max(elapsed, 1e-9)
     if progress:
         n_shards = sum(len(o.records) for o in outputs)
@@ -881,11 +1030,14 @@ def convert_jetclass(
     progress: bool = True,
     interleave: int = 16,
     tree: str = "tree",
+    restart: bool = False,
 ) -> Manifest:
     """Convert JetClass ROOT files (paths or globs) into shards under `out_dir`; returns the manifest.
 
     `split` puts every jet into that split; `split_fractions` (train, val, test), e.g. "0.8,0.1,0.1",
     spreads jets over the three splits, seeded by `seed`. See the module docstring for the features.
+    An interrupted conversion into `out_dir` is continued when the settings match; `restart=True`
+    discards it first.
     """
     return _convert(
         "jetclass",
@@ -903,6 +1055,7 @@ def convert_jetclass(
         progress=progress,
         interleave=interleave,
         source_extra={"tree": tree},
+        restart=restart,
     )
 
 
@@ -921,6 +1074,7 @@ def convert_toptag(
     interleave: int = 16,
     key: str = "table",
     allow_pickle: bool = False,
+    restart: bool = False,
 ) -> Manifest:
     """Convert top-tagging pandas HDF5 files (fixed or table format) into shards; see convert_jetclass.
 
@@ -943,6 +1097,7 @@ def convert_toptag(
         progress=progress,
         interleave=interleave,
         source_extra={"key": key},
+        restart=restart,
     )
 
 
@@ -976,6 +1131,8 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                              "attributes of the file and so runs any code it carries; only for trusted files "
                              "that the safe reader refuses")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard an interrupted conversion in --out instead of continuing it")
     return parser
 
 
@@ -995,8 +1152,12 @@ def run_convert(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=not args.no_progress,
             interleave=args.interleave,
+            restart=args.restart,
             **extra,
         )
+    except KeyboardInterrupt:
+        messages.info(f"interrupted; finished shards are kept — rerun the same command to continue {args.out}")
+        return 130
     except DataError:
         raise  # the jetfm command prints it and exits with 2
     except ValueError as error:  # inconsistent arguments
