@@ -443,9 +443,13 @@ class TopTagFile:
         if self.format == "table":
             rows = self._table[start:stop]
             out = np.empty((stop - start, len(self.wanted)), np.float64)
+            by_field: dict[str, list[tuple[int, int | None]]] = {}
             for j, name in enumerate(self.wanted):
                 field, column = self.columns[name]
-                out[:, j] = rows[field] if column is None else rows[field][:, column]
+                by_field.setdefault(field, []).append((j, column))
+            for field, pairs in by_field.items():
+                targets, sources = zip(*pairs)
+                out[:, list(targets)] = rows[field][:, None] if sources[0] is None else rows[field][:, list(sources)]
             return out
         out = np.empty((stop - start, len(self.wanted)), np.float64)
         by_block: dict[int, list[tuple[int, int]]] = {}
@@ -465,8 +469,12 @@ class TopTagFile:
             try:
                 values = self._read(start, stop)
             except Exception as error:
+                hint = ""
+                if self.format == "table" and "filter" in str(error):
+                    hint = ("; the table uses a compression filter h5py lacks (pandas complib='blosc'?): re-save it "
+                            "with complib='zlib', or pass --allow-pickle if you trust the file")
                 raise DataError(
-                    f"{self.path}: failed reading rows {start}-{stop} ({type(error).__name__}: {error})"
+                    f"{self.path}: failed reading rows {start}-{stop} ({type(error).__name__}: {error}){hint}"
                 ) from error
             yield self._block(values, start)
 
