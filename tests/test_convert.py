@@ -507,9 +507,9 @@ def test_sigterm_mid_conversion_then_rerun_equals_uninterrupted(tmp_path):
 
     rng = np.random.default_rng(19)
     for k in range(4):
-        write_toptag(tmp_path / f"in{k}.h5", toptag_truth(rng, 1200), "table")
-    args = ["toptag", str(tmp_path / "in*.h5"), "--split-fractions", "0.7,0.2,0.1", "--chunk-size", "40",
-            "--jets-per-shard", "60", "--interleave", "3", "--max-particles", "12", "--no-progress"]
+        write_toptag(tmp_path / f"in{k}.h5", toptag_truth(rng, 600), "fixed")
+    args = ["toptag", str(tmp_path / "in*.h5"), "--split-fractions", "0.7,0.2,0.1", "--chunk-size", "20",
+            "--jets-per-shard", "30", "--interleave", "3", "--max-particles", "12", "--no-progress"]
     parser = add_convert_arguments(argparse.ArgumentParser())
     assert run_convert(parser.parse_args(args + ["--out", str(tmp_path / "whole")])) == 0
 
@@ -533,7 +533,7 @@ def test_sigterm_mid_conversion_then_rerun_equals_uninterrupted(tmp_path):
 
     # other settings are refused, naming what differs and the flag that starts over
     with pytest.raises(DataError, match=r"interrupted conversion.*jets_per_shard.*--restart"):
-        run_convert(parser.parse_args([("70" if a == "60" else a) for a in args] + ["--out", str(out)]))
+        run_convert(parser.parse_args([("40" if a == "30" else a) for a in args] + ["--out", str(out)]))
 
     assert run_convert(parser.parse_args(args + ["--out", str(out)])) == 0  # the same command continues
     assert not journal.exists()
