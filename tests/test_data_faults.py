@@ -10,17 +10,18 @@ classifier that reads part_charge evaluated on four-momentum-only data.
 
 from __future__ import annotations
 
-import json
+import io
 import os
+import tarfile
 
 import numpy as np
 import pytest
 import yaml
 from test_trainer import _fresh_accelerate_state  # noqa: F401 - autouse fixture: fresh accelerate state
 
+from jetfm.data.features import Preprocessing
 from jetfm.data.format import JET_FEATURES, KINEMATIC_FEATURES, DataError, JetArrays
 from jetfm.data.reader import JetDataset, JetLoader, ShardIndex, read_shard_chunks
-from jetfm.data.features import Preprocessing
 from jetfm.data.shards import Manifest, ShardWriter, creation_info
 
 CODEBOOK = 8
@@ -91,8 +92,6 @@ def load_all(root, split="train"):
 
 def npy_with_values(old: bytes, values: np.ndarray) -> bytes:
     """The same .npy (header kept) with its payload replaced by `values` (same dtype and size)."""
-    import io
-
     array = np.load(io.BytesIO(old), allow_pickle=False)
     header = len(old) - array.nbytes
     return old[:header] + np.ascontiguousarray(values, array.dtype).tobytes()
@@ -104,8 +103,6 @@ def test_non_finite_reco_names_the_chunk(tmp_path):
     shard = tmp_path / "train" / "shard-000001.tar"
 
     def nan_reco(old):
-        import io
-
         reco = np.load(io.BytesIO(old)).copy()
         reco[3, 1] = np.nan
         return npy_with_values(old, reco)
@@ -122,8 +119,6 @@ def test_token_ids_outside_the_vocabulary_name_the_chunk(tmp_path, bad):
     shard = tmp_path / "train" / "shard-000000.tar"
 
     def bad_token(old):
-        import io
-
         tokens = np.load(io.BytesIO(old)).copy()
         tokens[5] = bad
         return npy_with_values(old, tokens)
@@ -165,8 +160,6 @@ def test_shard_cut_inside_its_last_chunk_says_truncated(tmp_path):
     with pytest.raises(DataError, match=rf"{shard}:chunk000002: chunk lacks entries .* the shard is truncated"):
         read_all(tmp_path)
     # a complete tar whose last chunk lacks an entry is not called truncated
-    import tarfile
-
     other = tmp_path / "other"
     write_set(other)
     shard = other / "train" / "shard-000000.tar"
@@ -174,7 +167,7 @@ def test_shard_cut_inside_its_last_chunk_says_truncated(tmp_path):
         members = [(m, tar.extractfile(m).read()) for m in tar if m.name != "chunk000002.label.npy"]
     with tarfile.open(shard, "w") as tar:
         for member, data in members:
-            tar.addfile(member, __import__("io").BytesIO(data))
+            tar.addfile(member, io.BytesIO(data))
     with pytest.raises(DataError) as error:
         read_all(other)
     assert f"{shard}:chunk000002: chunk lacks entries ['label']" in str(error.value)

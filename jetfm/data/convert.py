@@ -54,6 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import messages
+from ..artifacts.atomic import atomic_write_text
 from .format import (
     JET_FEATURES,
     JETCLASS_CLASSES,
@@ -63,7 +64,6 @@ from .format import (
     DataError,
     JetArrays,
 )
-from ..artifacts.atomic import atomic_write_text
 from .physics import jets_from_constituents
 from .shards import Manifest, ShardRecord, ShardSetWriter, ShardWriter, creation_info
 
