@@ -411,3 +411,156 @@ def test_first_bad_row_is_reported(tmp_path):
     write_toptag(tmp_path / "t.h5", truth, "fixed", label=label)
     with pytest.raises(DataError, match=r"row 1: invalid label \(is_signal_new = -1, expected 0 or 1"):
         convert_toptag(str(tmp_path / "t.h5"), tmp_path / "out", progress=False)
+
+
+# ----------------------------------------------------------------------------- hostile table-format files
+class _Payload:
+    """Unpickling this creates `marker` (what a hostile file's attribute could do instead)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _plant(path, where, attribute, marker):
+    """Replace one pickled attribute of a pandas table-format file with a payload pickle."""
+    import pickle
+
+    import h5py
+
+    with h5py.File(path, "r+") as h5:
+        h5[where].attrs[attribute] = np.bytes_(pickle.dumps([_Payload(marker)], protocol=0))
+
+
+def test_table_format_payload_in_non_index_axes_never_runs(tmp_path):
+    truth = toptag_truth(np.random.default_rng(16), 12)
+    path = tmp_path / "evil.h5"
+    write_toptag(path, truth, "table")
+    marker = tmp_path / "marker"
+    _plant(path, "table", "non_index_axes", marker)
+
+    manifest = convert_toptag(str(path), tmp_path / "out", max_particles=N_SLOTS, progress=False)
+    assert not marker.exists()  # nothing of the file was unpickled
+    assert manifest.n_jets("train") == 12  # and the jets are the right ones
+    jets = read_back(tmp_path / "out")
+    for b, p4 in enumerate(truth["parts"]):
+        np.testing.assert_array_equal(jets.part[jets.offsets[b]:jets.offsets[b + 1]], expected_particles(p4, N_SLOTS))
+    np.testing.assert_array_equal(jets.label, truth["label"])
+
+    # the payload is live: the explicit opt-in (pandas/PyTables) runs it (and then trips on its result)
+    with pytest.raises(TypeError):
+        convert_toptag(str(path), tmp_path / "trusted", progress=False, allow_pickle=True)
+    assert marker.exists()
+
+
+def test_table_format_payload_in_column_names_is_refused(tmp_path):
+    path = tmp_path / "evil.h5"
+    write_toptag(path, toptag_truth(np.random.default_rng(17), 6), "table")
+    marker = tmp_path / "marker"
+    _plant(path, "table/table", "values_block_0_kind", marker)
+    parser = add_convert_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["toptag", str(path), "--out", str(tmp_path / "out"), "--no-progress"])
+    with pytest.raises(DataError) as error:
+        run_convert(args)
+    message = str(error.value)
+    assert str(path) in message and "values_block_0_kind" in message
+    assert "--allow-pickle" in message and "run code" in message
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_table_format_data_columns(tmp_path):
+    """Data columns are fields of their own, named after the column (no pickle needed)."""
+    truth = toptag_truth(np.random.default_rng(18), 9)
+    path = tmp_path / "dc.h5"
+    write_toptag(path, truth, "table")
+    frame = pd.read_hdf(path, "table")
+    frame.to_hdf(tmp_path / "dc2.h5", key="table", format="table", data_columns=["is_signal_new", "E_0"])
+    convert_toptag(str(tmp_path / "dc2.h5"), tmp_path / "out", max_particles=N_SLOTS, progress=False)
+    jets = read_back(tmp_path / "out")
+    np.testing.assert_array_equal(jets.label, truth["label"])
+    for b, p4 in enumerate(truth["parts"]):
+        np.testing.assert_array_equal(jets.part[jets.offsets[b]:jets.offsets[b + 1]], expected_particles(p4, N_SLOTS))
+
+
+# ----------------------------------------------------------------------------- interrupted conversions
+def _shard_jets(out_dir):
+    """{shard path: its chunks' arrays} of a finished dataset, with the manifest's records."""
+    manifest = Manifest.load(out_dir)
+    from jetfm.data.reader import read_shard_chunks
+
+    shards = {}
+    for split in sorted(manifest.splits):
+        for record in manifest.splits[split]:
+            chunks = list(read_shard_chunks(out_dir / record["path"], manifest))
+            shards[record["path"]] = (record, JetArrays.concat(chunks))
+    return shards
+
+
+def test_sigterm_mid_conversion_then_rerun_equals_uninterrupted(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = np.random.default_rng(19)
+    for k in range(4):
+        write_toptag(tmp_path / f"in{k}.h5", toptag_truth(rng, 600), "fixed")
+    args = ["toptag", str(tmp_path / "in*.h5"), "--split-fractions", "0.7,0.2,0.1", "--chunk-size", "20",
+            "--jets-per-shard", "30", "--interleave", "3", "--max-particles", "12", "--no-progress"]
+    parser = add_convert_arguments(argparse.ArgumentParser())
+    assert run_convert(parser.parse_args(args + ["--out", str(tmp_path / "whole")])) == 0
+
+    out = tmp_path / "stopped"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen([sys.executable, "-m", "jetfm.data.convert", *args, "--out", str(out)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    journal = out / "convert-progress.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and child.poll() is None:
+        if journal.exists() and len(json.loads(journal.read_text())["shards"]) >= 5:
+            break
+        time.sleep(0.005)
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(30) == -signal.SIGTERM, child.stderr.read().decode()  # stopped mid-way, not finished
+    child.stderr.close()
+    assert not (out / "manifest.json").exists()
+    finished = json.loads(journal.read_text())["shards"]
+    assert 5 <= len(finished) < len(list((tmp_path / "whole").glob("*/shard-*.tar")))
+    kept = {path: (out / path).stat().st_mtime_ns for path in finished}
+
+    # other settings are refused, naming what differs and the flag that starts over
+    with pytest.raises(DataError, match=r"interrupted conversion.*jets_per_shard.*--restart"):
+        run_convert(parser.parse_args([("40" if a == "30" else a) for a in args] + ["--out", str(out)]))
+
+    assert run_convert(parser.parse_args(args + ["--out", str(out)])) == 0  # the same command continues
+    assert not journal.exists()
+    assert {path: (out / path).stat().st_mtime_ns for path in finished} == kept  # finished shards not rewritten
+    whole, resumed = _shard_jets(tmp_path / "whole"), _shard_jets(out)
+    assert sorted(whole) == sorted(resumed)
+    for path, (record, jets) in whole.items():
+        assert resumed[path][0] == record  # counts and statistics
+        for name in ("part", "offsets", "jet", "label"):
+            np.testing.assert_array_equal(getattr(resumed[path][1], name), getattr(jets, name))
+
+
+def test_restart_discards_an_interrupted_conversion(tmp_path):
+    rng = np.random.default_rng(20)
+    for k in range(2):
+        write_toptag(tmp_path / f"in{k}.h5", toptag_truth(rng, 50), "fixed")
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "shard-000000.tar").write_bytes(b"left by a stopped run")
+    (out / "train" / "shard-000001.tar.tmp").write_bytes(b"half")
+    (out / "convert-progress.json").write_text(json.dumps({"plan": {"first_index": {"train": 0}}, "shards": {
+        "train/shard-000000.tar": {"path": "train/shard-000000.tar", "n_jets": 1}}}))
+    args = ["toptag", str(tmp_path / "in*.h5"), "--jets-per-shard", "30", "--no-progress", "--out", str(out)]
+    parser = add_convert_arguments(argparse.ArgumentParser())
+    with pytest.raises(DataError, match="--restart"):
+        run_convert(parser.parse_args(args))
+    assert run_convert(parser.parse_args(args + ["--restart"])) == 0
+    verify_shards(out, Manifest.load(out))
+    assert Manifest.load(out).n_jets("train") == 100
+    assert not (out / "convert-progress.json").exists() and not list(out.glob("*/*.tmp"))

@@ -24,7 +24,12 @@ jet_nparticles disagreeing with the particles) raise DataError naming file and e
 `skip_bad` they are dropped and counted by reason in `manifest.skipped`.
 
 A conversion is all-or-nothing: shards are published in the manifest when every input file
-has been read; on an error the shards this run wrote are removed and the directory is as before.
+has been read; on an error in the data the shards this run wrote are removed and the directory
+is as before. An *interrupted* conversion (SIGTERM, SIGINT, a killed job) keeps its finished
+shards: `DIR/convert-progress.json` lists them with the command's settings, and rerunning the
+same command continues — the input is read again (the split assignment and the shard boundaries
+are a function of the whole stream), the finished shards are not rewritten, and the result is
+the dataset an uninterrupted run writes. `--restart` discards the interrupted conversion instead.
 Converting into a directory that already holds a compatible dataset appends to it (new shards
 are numbered after the existing ones).
 
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import re
 import sys
@@ -48,6 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import messages
+from ..artifacts.atomic import atomic_write_text
 from .format import (
     JET_FEATURES,
     JETCLASS_CLASSES,
@@ -58,7 +65,7 @@ from .format import (
     JetArrays,
 )
 from .physics import jets_from_constituents
-from .shards import Manifest, ShardSetWriter, creation_info
+from .shards import Manifest, ShardRecord, ShardSetWriter, ShardWriter, creation_info
 
 #: Optional JetClass impact-parameter branches, stored after the PID features when present.
 IMPACT_FEATURES = ("part_d0val", "part_d0err", "part_dzval", "part_dzerr")
@@ -310,12 +317,20 @@ class TopTagFile:
 
     Fixed format is read with h5py straight from the block arrays (`{key}/block{i}_values`,
     column names in `{key}/block{i}_items`), so no row range is ever loaded beyond the step.
-    Table format goes through pandas `HDFStore.select(start=, stop=)`.
+
+    Table format is read with h5py too, never through pandas/PyTables: PyTables unpickles five
+    attributes of every table-format file (`non_index_axes`, `values_cols`, `info`, ...), and a
+    pickle can run any code. The rows are the compound dataset `{key}/table` (fields `index`,
+    `values_block_N` of shape (k,), and one scalar field per pandas data column); the names of a
+    block's columns exist only as a pickled list in the dataset attribute `values_block_N_kind`,
+    which `pickled_names` decodes opcode by opcode, accepting only a list of strings and refusing
+    anything that would import or call. `allow_pickle=True` (`--allow-pickle`) goes through
+    pandas `HDFStore.select` instead, for files the safe reader refuses and the user trusts.
     """
 
     kind = "toptag"
 
-    def __init__(self, path: str, key: str = "table"):
+    def __init__(self, path: str, key: str = "table", allow_pickle: bool = False):
         import h5py
 
         self.path = path
@@ -348,20 +363,50 @@ class TopTagFile:
                     self.columns[name] = (b, column)
             first = self._blocks[0] if self._blocks else None
             self.n_entries = 0 if first is None else first[0].shape[0 if first[1] else 1]
-        elif pandas_type == "frame_table":
+        elif pandas_type == "frame_table" and allow_pickle:
             import pandas as pd
 
-            self.format = "table"
+            self.format = "table-pandas"
             self._h5.close()
             self._store = pd.HDFStore(path, mode="r")
-            storer = self._store.get_storer(key)
-            self.n_entries = int(storer.nrows)
-            self.columns = {name: None for name in self._store.select(key, start=0, stop=0).columns}
+            try:
+                self.n_entries = int(self._store.get_storer(key).nrows)
+                self.columns = {name: None for name in self._store.select(key, start=0, stop=0).columns}
+            except BaseException:
+                self._store.close()
+                raise
+        elif pandas_type == "frame_table":
+            self.format = "table"
+            self._open_table(group)
         else:
             raise DataError(
                 f"{path}: {key!r} is not a pandas DataFrame (pandas_type {pandas_type!r}); expected "
                 f"DataFrame.to_hdf(path, key={key!r}) in fixed or table format"
             )
+
+    def _open_table(self, group) -> None:
+        """Column name -> (field, column or None) of a table-format frame, from plain attributes
+        and pickled name lists decoded without unpickling."""
+        where = f"{self.path}: {self.key}/table"
+        table = group.get("table")
+        if table is None or not hasattr(table, "dtype") or table.dtype.names is None:
+            raise DataError(f"{where}: missing or not a compound dataset; expected a pandas table-format frame")
+        self._table = table
+        self.n_entries = int(table.shape[0])
+        self.columns = {}
+        for name in table.dtype.names:
+            if name == "index":
+                continue
+            shape = table.dtype[name].shape
+            if not shape:  # a data column: the field is named after it
+                self.columns[name] = (name, None)
+                continue
+            attr = f"{name}_kind"
+            names = pickled_names(table.attrs.get(attr), f"{where} attribute {attr!r}")
+            if len(names) != shape[0]:
+                raise DataError(f"{where}: attribute {attr!r} names {len(names)} columns, field {name!r} has {shape[0]}")
+            for column, column_name in enumerate(names):
+                self.columns[column_name] = (name, column)
 
     def schema(self) -> tuple[list[str], list[str]]:
         index = {}
@@ -392,9 +437,20 @@ class TopTagFile:
 
     def _read(self, start: int, stop: int) -> np.ndarray:
         """(stop - start, 4 * n_slots + 1) float64 in `self.wanted` order."""
-        if self.format == "table":
+        if self.format == "table-pandas":
             frame = self._store.select(self.key, start=start, stop=stop)
             return frame[self.wanted].to_numpy(np.float64)
+        if self.format == "table":
+            rows = self._table[start:stop]
+            out = np.empty((stop - start, len(self.wanted)), np.float64)
+            by_field: dict[str, list[tuple[int, int | None]]] = {}
+            for j, name in enumerate(self.wanted):
+                field, column = self.columns[name]
+                by_field.setdefault(field, []).append((j, column))
+            for field, pairs in by_field.items():
+                targets, sources = zip(*pairs)
+                out[:, list(targets)] = rows[field][:, None] if sources[0] is None else rows[field][:, list(sources)]
+            return out
         out = np.empty((stop - start, len(self.wanted)), np.float64)
         by_block: dict[int, list[tuple[int, int]]] = {}
         for j, name in enumerate(self.wanted):
@@ -413,8 +469,12 @@ class TopTagFile:
             try:
                 values = self._read(start, stop)
             except Exception as error:
+                hint = ""
+                if self.format == "table" and "filter" in str(error):
+                    hint = ("; the table uses a compression filter h5py lacks (pandas complib='blosc'?): re-save it "
+                            "with complib='zlib', or pass --allow-pickle if you trust the file")
                 raise DataError(
-                    f"{self.path}: failed reading rows {start}-{stop} ({type(error).__name__}: {error})"
+                    f"{self.path}: failed reading rows {start}-{stop} ({type(error).__name__}: {error}){hint}"
                 ) from error
             yield self._block(values, start)
 
@@ -454,6 +514,78 @@ class TopTagFile:
             self._store.close()
         else:
             self._h5.close()
+
+
+#: Pickle opcodes that build a list of strings (pandas' protocol-0 name lists and newer protocols);
+#: any other opcode (GLOBAL, STACK_GLOBAL, REDUCE, INST, OBJ, BUILD, NEWOBJ, ...) is refused.
+_NAME_LIST_OPS = {
+    "PROTO", "FRAME", "MARK", "STOP", "EMPTY_LIST", "LIST", "APPEND", "APPENDS",
+    "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "STRING", "BINSTRING", "SHORT_BINSTRING",
+    "PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE", "GET", "BINGET", "LONG_BINGET",
+}
+
+
+def pickled_names(value, where: str) -> list[str]:
+    """The list of strings a pickle encodes, read from its opcodes without unpickling.
+
+    pandas stores a table block's column names only as a pickled list; `pickle.loads` on a file
+    from elsewhere could run anything, so this walks the opcode stream (`pickletools.genops`
+    parses, it never executes) and accepts only what builds a flat list of strings.
+    """
+    import pickletools
+
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value[()]
+    if not isinstance(value, (bytes, np.bytes_)):
+        raise DataError(f"{where}: missing or not a byte string; expected pandas' pickled list of column names")
+    data = bytes(value)
+    refuse = (f"{where}: is not a plain pickled list of column names; reading it would mean unpickling, which "
+              f"can run code hidden in the file. Convert only files you trust with --allow-pickle "
+              f"(reads through pandas/PyTables), or re-save the file with pandas format='fixed'")
+    stack: list = []
+    marks: list[int] = []
+    memo: dict = {}
+    result = None
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            name = op.name
+            if name not in _NAME_LIST_OPS:
+                raise DataError(f"{refuse} (opcode {name})")
+            if name == "MARK":
+                marks.append(len(stack))
+            elif name == "EMPTY_LIST":
+                stack.append([])
+            elif name == "LIST":
+                start = marks.pop()
+                items = stack[start:]
+                del stack[start:]
+                stack.append(list(items))
+            elif name == "APPEND":
+                item = stack.pop()
+                stack[-1].append(item)
+            elif name == "APPENDS":
+                start = marks.pop()
+                items = stack[start:]
+                del stack[start:]
+                stack[-1].extend(items)
+            elif name in ("UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "STRING", "BINSTRING",
+                          "SHORT_BINSTRING"):
+                stack.append(arg if isinstance(arg, str) else bytes(arg).decode("utf-8"))
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = stack[-1]
+            elif name == "MEMOIZE":
+                memo[len(memo)] = stack[-1]
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo[arg])
+            elif name == "STOP":
+                result = stack.pop() if len(stack) == 1 else None
+    except DataError:
+        raise
+    except Exception as error:  # malformed opcode stream, list ops on a string, unknown memo key
+        raise DataError(f"{refuse} ({type(error).__name__}: {error})") from error
+    if not isinstance(result, list) or not all(isinstance(item, str) for item in result):
+        raise DataError(refuse)
+    return result
 
 
 def _attr_str(value) -> str | None:
@@ -541,6 +673,100 @@ def expand_files(patterns: list[str] | str) -> list[str]:
     return files
 
 
+# ----------------------------------------------------------------------------- resuming
+class ConvertProgress:
+    """`DIR/convert-progress.json`: the settings of a conversion under way and its finished shards.
+
+    Written atomically after every finished shard and removed once the manifest lists them, so a
+    conversion stopped any way at all leaves whole shards that this file vouches for.
+    """
+
+    FILENAME = "convert-progress.json"
+
+    def __init__(self, directory: Path, plan: dict, shards: dict[str, dict] | None = None):
+        self.path = Path(directory) / self.FILENAME
+        self.plan = plan
+        self.shards = dict(shards or {})  # relpath -> ShardRecord json
+
+    @classmethod
+    def load(cls, directory: Path) -> "ConvertProgress | None":
+        path = Path(directory) / cls.FILENAME
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            return cls(directory, data["plan"], data["shards"])
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise DataError(f"{path}: unreadable record of an interrupted conversion ({error}); "
+                            f"pass --restart to discard it") from error
+
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps({"plan": self.plan, "shards": self.shards}, indent=1))
+
+    def finished(self, record: ShardRecord) -> None:
+        self.shards[record.path] = record.to_json()
+        self.save()
+
+    def discard(self) -> None:
+        """Remove the interrupted conversion's shards (finished and partial) and this record."""
+        root = self.path.parent
+        for relpath in self.shards:
+            (root / relpath).unlink(missing_ok=True)
+        for split in self.plan.get("first_index", {}):
+            for tmp in (root / split).glob("shard-*.tar.tmp"):
+                tmp.unlink()
+        self.path.unlink(missing_ok=True)
+
+
+class _FinishedShard:
+    """Stands in for a ShardWriter of a shard an interrupted run already wrote: takes its jets
+    (so the following shards start where they did), writes nothing, returns the stored record."""
+
+    def __init__(self, root: Path, relpath: str, record: dict):
+        self.path = Path(root) / relpath
+        self.relpath = relpath
+        self.record = record
+        self.n_jets = 0
+        if not self.path.exists():
+            raise DataError(f"{self.path}: listed as finished in {Path(root) / ConvertProgress.FILENAME} but missing; "
+                            f"pass --restart to convert from scratch")
+
+    def write(self, jets: JetArrays) -> None:
+        self.n_jets += len(jets)
+
+    def close(self) -> ShardRecord:
+        if self.n_jets != self.record["n_jets"]:
+            raise DataError(f"{self.path}: the interrupted conversion wrote {self.record['n_jets']} jets here, this "
+                            f"run routes {self.n_jets}; the input files changed — pass --restart")
+        return ShardRecord(**self.record)
+
+    def abort(self) -> None:
+        pass
+
+
+class _ResumableShardSetWriter(ShardSetWriter):
+    """A ShardSetWriter that skips shards `journal` lists and records each one it finishes."""
+
+    def __init__(self, *args, journal: ConvertProgress, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.journal = journal
+
+    def _open_shard(self, relpath: str) -> ShardWriter | _FinishedShard:
+        if relpath in self.journal.shards:
+            return _FinishedShard(self.root, relpath, self.journal.shards[relpath])
+        return super()._open_shard(relpath)
+
+    def _close_shard(self) -> None:
+        super()._close_shard()
+        self.journal.finished(self.records[-1])
+
+    def interrupt(self) -> None:
+        """Drop only the shard being written: the finished ones stay for a rerun."""
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+
+
 # ----------------------------------------------------------------------------- driver
 def _convert(
     kind: str,
@@ -559,6 +785,7 @@ def _convert(
     progress: bool,
     interleave: int,
     source_extra: dict,
+    restart: bool = False,
 ) -> Manifest:
     fractions = parse_fractions(split_fractions)
     if fractions is not None and split not in (None, "train"):
@@ -607,6 +834,11 @@ def _convert(
         max_particles=max_particles,
         chunk_size=chunk_size,
     )
+    journal = ConvertProgress.load(out_dir)
+    if journal is not None and restart:
+        messages.info(f"{out_dir}: discarding the interrupted conversion's {len(journal.shards)} finished shard(s)")
+        journal.discard()
+        journal = None
     existing = None
     if (out_dir / Manifest.FILENAME).exists():
         existing = Manifest.load(out_dir)
@@ -617,6 +849,9 @@ def _convert(
         if existing.max_particles != max_particles:
             raise DataError(f"{where}: max_particles {existing.max_particles}, this conversion uses {max_particles}")
         again = sorted(set(paths) & set(existing.source.get("files", [])))
+        if again and journal is not None and set(journal.plan["files"]) <= set(existing.source.get("files", [])):
+            journal.path.unlink()  # stopped after publishing the manifest: that conversion is complete
+            journal = None
         if again:
             raise DataError(f"{where}: already holds jets converted from {again}; convert into a fresh --out")
         if existing.chunk_size != chunk_size:
@@ -624,13 +859,43 @@ def _convert(
         manifest = existing
         manifest.source["files"] = list(manifest.source.get("files", [])) + paths
         manifest.source.setdefault("conversions", [])
-    elif any(out_dir.glob("*/shard-*.tar")):
-        raise DataError(f"{out_dir}: holds shards but no {Manifest.FILENAME}; convert into an empty directory")
+    elif journal is None and any(out_dir.glob("*/shard-*.tar")):
+        raise DataError(f"{out_dir}: holds shards but no {Manifest.FILENAME} (nor a {ConvertProgress.FILENAME} of "
+                        f"an interrupted conversion to continue); convert into an empty directory")
 
     assigner = SplitAssigner(split, fractions, seed)
+    plan = {
+        "kind": kind,
+        "files": paths,
+        **settings,
+        **source_extra,
+        "max_particles": max_particles,
+        "chunk_size": manifest.chunk_size,
+        "jets_per_shard": jets_per_shard,
+        "interleave": interleave,
+        "first_index": {name: _next_shard_index(existing, name) for name in assigner.names},
+    }
+    if journal is None:
+        journal = ConvertProgress(out_dir, plan)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        journal.save()
+    elif journal.plan != plan:
+        differ = sorted(k for k in set(plan) | set(journal.plan) if plan.get(k) != journal.plan.get(k))
+        raise DataError(
+            f"{journal.path}: an interrupted conversion is under way in {out_dir} with other settings "
+            f"(differing: {differ}); rerun its command to continue it, or pass --restart to discard "
+            f"its {len(journal.shards)} finished shard(s)"
+        )
+    else:
+        for name in assigner.names:  # the shard that was being written when it stopped
+            for tmp in (out_dir / name).glob("shard-*.tar.tmp"):
+                tmp.unlink()
+        if journal.shards and progress:
+            messages.info(f"continuing the interrupted conversion in {out_dir}: {len(journal.shards)} finished "
+                          f"shard(s) are kept, the input is read again to find where it stopped")
     outputs = [
-        ShardSetWriter(out_dir, name, manifest, jets_per_shard=jets_per_shard,
-                       first_index=_next_shard_index(existing, name))
+        _ResumableShardSetWriter(out_dir, name, manifest, jets_per_shard=jets_per_shard,
+                                 first_index=plan["first_index"][name], journal=journal)
         for name in assigner.names
     ]
     # Seeded file order, then round-robin over a window of `interleave` open files.
@@ -664,11 +929,19 @@ def _convert(
                     bar.set_postfix(skipped=n_read - n_written, refresh=False)
         for output in outputs:
             output.finish()
+    except (KeyboardInterrupt, SystemExit):  # stopped, not failed: keep the finished shards
+        for source, _, _ in active:
+            source.close()
+        for output in outputs:
+            output.interrupt()
+        bar.close()
+        raise
     except BaseException:
         for source, _, _ in active:
             source.close()
         for output in outputs:
             output.abort()
+        journal.path.unlink(missing_ok=True)
         bar.close()
         raise
     bar.close()
@@ -691,6 +964,7 @@ def _convert(
         }
     )
     manifest.save(out_dir)
+    journal.path.unlink(missing_ok=True)
     rate = n_read / max(elapsed, 1e-9)
     if progress:
         n_shards = sum(len(o.records) for o in outputs)
@@ -764,11 +1038,14 @@ def convert_jetclass(
     progress: bool = True,
     interleave: int = 16,
     tree: str = "tree",
+    restart: bool = False,
 ) -> Manifest:
     """Convert JetClass ROOT files (paths or globs) into shards under `out_dir`; returns the manifest.
 
     `split` puts every jet into that split; `split_fractions` (train, val, test), e.g. "0.8,0.1,0.1",
     spreads jets over the three splits, seeded by `seed`. See the module docstring for the features.
+    An interrupted conversion into `out_dir` is continued when the settings match; `restart=True`
+    discards it first.
     """
     return _convert(
         "jetclass",
@@ -786,6 +1063,7 @@ def convert_jetclass(
         progress=progress,
         interleave=interleave,
         source_extra={"tree": tree},
+        restart=restart,
     )
 
 
@@ -803,11 +1081,17 @@ def convert_toptag(
     progress: bool = True,
     interleave: int = 16,
     key: str = "table",
+    allow_pickle: bool = False,
+    restart: bool = False,
 ) -> Manifest:
-    """Convert top-tagging pandas HDF5 files (fixed or table format) into shards; see convert_jetclass."""
+    """Convert top-tagging pandas HDF5 files (fixed or table format) into shards; see convert_jetclass.
+
+    `allow_pickle` reads table-format files through pandas/PyTables, which unpickles attributes of
+    the file (runs code a hostile file carries): only for trusted files the safe reader refuses.
+    """
     return _convert(
         "toptag",
-        lambda path: TopTagFile(path, key),
+        lambda path: TopTagFile(path, key, allow_pickle),
         TOPTAG_CLASSES,
         files,
         out_dir,
@@ -821,6 +1105,7 @@ def convert_toptag(
         progress=progress,
         interleave=interleave,
         source_extra={"key": key},
+        restart=restart,
     )
 
 
@@ -849,13 +1134,19 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                         help="files read round-robin at a time (1: one after another)")
     parser.add_argument("--tree", default="tree", help="JetClass: TTree name")
     parser.add_argument("--key", default="table", help="top tagging: pandas HDF5 key")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="top tagging: read table-format files through pandas/PyTables, which unpickles "
+                             "attributes of the file and so runs any code it carries; only for trusted files "
+                             "that the safe reader refuses")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard an interrupted conversion in --out instead of continuing it")
     return parser
 
 
 def run_convert(args: argparse.Namespace) -> int:
     """Run a parsed `jetfm data convert`; returns 0, or 2 on inconsistent arguments. Bad input raises DataError."""
-    extra = {"tree": args.tree} if args.kind == "jetclass" else {"key": args.key}
+    extra = {"tree": args.tree} if args.kind == "jetclass" else {"key": args.key, "allow_pickle": args.allow_pickle}
     try:
         CONVERTERS[args.kind](
             args.files,
@@ -869,8 +1160,12 @@ def run_convert(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=not args.no_progress,
             interleave=args.interleave,
+            restart=args.restart,
             **extra,
         )
+    except KeyboardInterrupt:
+        messages.info(f"interrupted; finished shards are kept — rerun the same command to continue {args.out}")
+        return 130
     except DataError:
         raise  # the jetfm command prints it and exits with 2
     except ValueError as error:  # inconsistent arguments

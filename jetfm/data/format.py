@@ -158,6 +158,9 @@ class JetArrays:
             raise DataError(f"{where}: part contains NaN or inf")
         if not np.isfinite(self.jet).all():
             raise DataError(f"{where}: jet contains NaN or inf")
+        if self.reco is not None and not np.isfinite(self.reco).all():
+            raise DataError(f"{where}: reco contains NaN or inf (expected the tokenizer's finite reconstruction); "
+                            "the entry is corrupt — rerun `jetfm data tokenize --with-reco`")
         if n and self.multiplicity.min() == 0:
             raise DataError(f"{where}: jet {int(np.argmin(self.multiplicity))} has no particles")
 
@@ -206,7 +209,15 @@ def encode_chunk(jets: JetArrays) -> dict[str, bytes]:
     return entries
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
 def load_npy(data: bytes, where: str) -> np.ndarray:
+    # np.load calls anything without the .npy magic "pickled data": say what it is instead
+    if not data.startswith(NPY_MAGIC):
+        head = data[:8]
+        raise DataError(f"{where}: not a .npy array (starts with {head!r}, expected the .npy magic "
+                        f"{NPY_MAGIC!r}); the entry is corrupt or was not written by jetfm")
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as error:  # pickled object arrays and malformed headers land here
@@ -215,9 +226,12 @@ def load_npy(data: bytes, where: str) -> np.ndarray:
         raise DataError(f"{where}: unreadable .npy entry ({type(error).__name__}: {error})") from error
 
 
+REQUIRED_ENTRIES = ("part", "offsets", "jet", "label")
+
+
 def decode_chunk(entries: dict[str, bytes], where: str) -> JetArrays:
     """Inverse of encode_chunk. `entries` maps 'part.npy'... to bytes."""
-    missing = [name for name in ("part", "offsets", "jet", "label") if f"{name}.npy" not in entries]
+    missing = [name for name in REQUIRED_ENTRIES if f"{name}.npy" not in entries]
     if missing:
         raise DataError(f"{where}: chunk lacks entries {missing}; expected part/offsets/jet/label .npy")
     unknown = [name for name in entries if not name.endswith(".npy")]

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batch import JetBatch
 from .features import Preprocessing, particle_features
-from .format import DataError, JetArrays, decode_chunk
+from .format import REQUIRED_ENTRIES, DataError, JetArrays, decode_chunk
 from .shards import Manifest
 
 
@@ -65,13 +65,40 @@ class ShardIndex:
                 raise DataError(f"{where}/{entry}: entry runs past the end of the file; the shard is truncated")
             handle.seek(offset)
             entries[entry] = handle.read(size)
+        missing = [name for name in REQUIRED_ENTRIES if f"{name}.npy" not in entries]
+        if missing and index == len(self.keys) - 1 and not self._has_end_marker(handle):
+            raise DataError(f"{where}: chunk lacks entries {missing} and the file ends without the tar end-of-archive "
+                            f"blocks: the shard is truncated (cut inside this chunk); rewrite or re-copy it")
         return decode_chunk(entries, where)
+
+    def _has_end_marker(self, handle) -> bool:
+        """A complete tar ends with two zero 512-byte blocks (and padding); a cut one does not."""
+        if self.size < 1024:
+            return False
+        handle.seek(self.size - 1024)
+        return not any(handle.read(1024))
 
 
 def _check_chunk(jets: JetArrays, manifest: Manifest, where: str) -> None:
+    """The chunk against its manifest: shapes, finite values, labels, and what a tokenized set
+    promises (token ids of every particle, inside the vocabulary; reco columns)."""
     jets.check(where, len(manifest.particle_features), len(manifest.jet_features), len(manifest.classes))
     if manifest.reco_features is not None and jets.reco is not None and jets.reco.shape[1] != len(manifest.reco_features):
         raise DataError(f"{where}: reco has {jets.reco.shape[1]} columns, manifest names {manifest.reco_features}")
+    tokens = manifest.tokens or {}
+    if tokens and jets.tokens is None:
+        raise DataError(f"{where}: chunk has no tokens.npy, but the manifest describes a tokenized set (tokenizer "
+                        f"{tokens.get('tokenizer')}); an untokenized shard was mixed in — rerun `jetfm data tokenize`")
+    if manifest.reco_features and jets.reco is None:
+        raise DataError(f"{where}: chunk has no reco.npy, but the manifest names reco features "
+                        f"{manifest.reco_features}; rerun `jetfm data tokenize --with-reco`")
+    codebook = tokens.get("codebook_size")
+    if codebook is not None and jets.tokens is not None and len(jets.tokens):
+        low, high = int(jets.tokens.min()), int(jets.tokens.max())
+        if low < 1 or high > int(codebook):
+            raise DataError(f"{where}: token ids span [{low}, {high}], expected particle tokens in [1, {codebook}] "
+                            f"(codebook {codebook} of the manifest's tokenizer); the entry is corrupt or from "
+                            f"another tokenizer")
 
 
 def read_shard_chunks(path: Path, manifest: Manifest) -> Iterator[JetArrays]:
@@ -211,8 +238,12 @@ class JetDataset(IterableDataset):
         if require_tokens and not self.manifest.tokens:
             raise DataError(f"{self.directory}: shards carry no token ids; run `jetfm data tokenize` first")
         for name in preprocessing.names:  # fail at construction, not in a worker
-            particle_features(np.zeros((0, len(self.manifest.particle_features)), np.float32), np.zeros(1, np.int64),
-                              self.manifest.particle_features, [name])
+            try:
+                particle_features(np.zeros((0, len(self.manifest.particle_features)), np.float32),
+                                  np.zeros(1, np.int64), self.manifest.particle_features, [name])
+            except KeyError as error:
+                raise DataError(f"{self.directory}: data.features asks for {error.args[0]}; use data that "
+                                "carries it or drop it from data.features") from None
         # set by JetLoader before each iteration
         self.num_workers = 1
         self.epoch = 0

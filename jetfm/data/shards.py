@@ -178,9 +178,7 @@ class ShardSetWriter:
         done = 0
         while done < len(jets):
             if self.writer is None:
-                self.writer = ShardWriter(self.root, f"{self.split}/shard-{self.index:06d}.tar",
-                                          self.manifest.particle_features, self.manifest.jet_features,
-                                          len(self.manifest.classes), self.manifest.chunk_size)
+                self.writer = self._open_shard(f"{self.split}/shard-{self.index:06d}.tar")
                 self.written_paths.append(self.writer.path)
                 self.index += 1
                 self.in_shard = 0
@@ -190,6 +188,10 @@ class ShardSetWriter:
             done += take
             if self.in_shard >= self.jets_per_shard:
                 self._close_shard()
+
+    def _open_shard(self, relpath: str) -> ShardWriter:
+        return ShardWriter(self.root, relpath, self.manifest.particle_features, self.manifest.jet_features,
+                           len(self.manifest.classes), self.manifest.chunk_size)
 
     def _close_shard(self) -> None:
         record = self.writer.close()

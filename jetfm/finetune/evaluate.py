@@ -311,6 +311,8 @@ def evaluate_classifier(checkpoint, data, *, split: str = "test", out=None, batc
     if sig is not None and sig == bkg:
         raise ValueError(f"--signal and --background are the same class {classes[sig]!r}")
 
+    if not token_mode and cfg.data.inputs == "raw":
+        check_features_present(manifest, cfg.data.features, str(data), f"the classifier {checkpoint}")
     cfg.data.path = str(data)
     cfg.data.num_workers = 0
     loader = make_loader(cfg.data, split, shuffle=False, drop_uneven=False, require_tokens=token_mode,
@@ -389,6 +391,20 @@ def add_classifier_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the classes with jets in the split)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to the checkpoint's MLflow run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_features_present(manifest, features, data_where: str, reader: str) -> None:
+    """DataError unless every model input feature is stored in the shards or derivable from the
+    four-momentum they always store (a classifier trained with part_charge on data without it)."""
+    from jetfm.data.features import DERIVED_FEATURES
+    from jetfm.data.format import DataError
+
+    stored = list(manifest.particle_features)
+    missing = [name for name in features if name not in stored and name not in DERIVED_FEATURES]
+    if missing:
+        raise DataError(f"{data_where}: {reader} reads particle features {missing}, which these shards neither "
+                        f"store ({stored}) nor can derive ({list(DERIVED_FEATURES)}); evaluate on data that "
+                        f"carries them (e.g. a JetClass conversion with its PID branches)")
 
 
 def run_classifier(args: argparse.Namespace) -> int:
