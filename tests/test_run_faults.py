@@ -85,6 +85,24 @@ def test_a_second_run_on_a_locked_directory_is_refused_naming_the_holder(tmp_pat
     assert (tmp_path / "tiny" / rundir.LOCK_FILE).read_text() == ""  # released at the end: not stale
 
 
+@pytest.mark.slow  # ~26 s: two processes start accelerate and gloo
+def test_two_processes_refuse_a_locked_directory_on_every_rank(tmp_path, tiny_data):
+    """DDP on 2 CPU processes: rank 0 finds the lock taken, every rank stops (no rank waits in a collective)."""
+    from test_distributed import launch
+
+    config = tiny_config(tmp_path, tiny_data, train={"max_steps": 2})
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "tiny")], env=subprocess_env(),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()
+        rc, out, _ = launch("ddp", config, timeout=240)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert rc != 0 and out.count(f"in use by another run: pid {holder.pid} on host") >= 1, out[-3000:]
+    assert not (tmp_path / "tiny" / "metrics.jsonl").exists()
+
+
 def test_a_rerun_without_resume_is_refused_and_restart_moves_the_old_run_aside(tmp_path, tiny_data, capsys):
     config = tiny_config(tmp_path, tiny_data, train={"max_steps": 2})
     run_dir = tmp_path / "tiny"
