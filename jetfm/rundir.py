@@ -64,9 +64,12 @@ def acquire_lock(run_dir: Path) -> str | None:
     run_dir = Path(run_dir).resolve()
     if run_dir in _HELD:
         return None
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:  # a read-only or full filesystem, no permission
+        raise WriteError(describe_write_failure(path, error), error) from error
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:

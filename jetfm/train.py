@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, stages.StageError, RunDirError, WriteError) as error:
         print(f"jetfm: {error}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        release_run_dir(Path(cfg.out_dir))  # also when setup failed after taking the lock
 
 
 # --------------------------------------------------------------------------- the run

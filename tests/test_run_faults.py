@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import torch
 from jetfm import checkpoint as ckpt
 from jetfm import rundir
 from jetfm.artifacts.atomic import WriteError, append_text, atomic_directory, atomic_write_text
-from test_trainer import REPO, read_metrics, run, subprocess_env, tiny_config, write_tiny_dataset
+from test_trainer import read_metrics, run, subprocess_env, tiny_config, write_tiny_dataset
 from test_trainer import _fresh_accelerate_state  # noqa: F401 - autouse: a fresh Accelerator state per run
 
 PAGE = 4096

@@ -89,6 +89,9 @@ def describe_write_failure(path, error: BaseException | None, free: tuple[int, P
     os_error = _os_error(error)
     if os_error is not None:
         reason = f"{os.strerror(os_error.errno)} ({errno.errorcode.get(os_error.errno, os_error.errno)})"
+        inside = os_error.filename and Path(os.fsdecode(os_error.filename))
+        if inside and inside != Path(path) and Path(path) in inside.parents:  # the file inside a directory
+            reason += f" at {inside.relative_to(path)}"
     else:
         reason = f"{type(error).__name__}: {error}" if error is not None else "unknown error"
         if free is not None and free[0] < FULL_BYTES:
