@@ -192,18 +192,21 @@ def prune(root: Path, keep: int) -> list[Path]:
     of such a prune are removed by the next one."""
     root = Path(root)
     removed = []
-    if keep > 0:
-        latest = latest_checkpoint(root)
-        for _, path in list_checkpoints(root)[:-keep]:
-            if path != latest:
-                os.replace(path, path.with_name(path.name + ".pruned"))
-                removed.append(path)
-        fsync_dir(root)
-    for entry in root.iterdir():
+    for entry in root.iterdir():  # leftovers first: a `.pruned` name must be free for the rename below
         if entry.is_dir() and entry.name.endswith((".tmp", ".old", ".pruned")):
             shutil.rmtree(entry, ignore_errors=True)
-            if not entry.name.endswith(".pruned"):
-                removed.append(entry)
+            removed.append(entry)
+    if keep > 0:
+        latest = latest_checkpoint(root)
+        doomed = []
+        for _, path in list_checkpoints(root)[:-keep]:
+            if path != latest:
+                doomed.append(path.with_name(path.name + ".pruned"))
+                os.replace(path, doomed[-1])  # from here on it is no checkpoint, whatever happens next
+                removed.append(path)
+        fsync_dir(root)
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
     return removed
 
 
