@@ -16,6 +16,12 @@ the few plain DeepSpeed classes its ZeRO files name (loss scaler, stage enum, fr
 a checkpoint never runs code.
 
 trainer_state.json: step, epoch, per-rank data-loader states, MLflow run id, last metrics.
+
+A failed write names the checkpoint, the system's reason and the free space (torch's zip writer
+reports a full disk only as "unexpected pos N vs M"; the free space left tells it apart). Pruning
+first renames a checkpoint to `step-NNNNNN.pruned` (one rename), then deletes it: a prune killed
+half-way leaves no step directory without its files. An unreadable `random_states_<rank>.pkl`
+(accelerate skips it with a log line at info level) is a warning that the resume is not exact.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import contextlib
 import datetime
 import importlib
 import json
+import os
 import re
 import shutil
 import sys
@@ -31,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-from .artifacts.atomic import atomic_write_text, fsync_dir, replace_directory
+from . import messages
+from .artifacts.atomic import atomic_write_text, describe_write_failure, free_space, fsync_dir, replace_directory
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -145,10 +153,11 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, *, config_yaml: str, 
             _fsync_dir(tmp)
     except Exception as caught:  # noqa: BLE001 - any failure must leave the old checkpoint usable
         error = caught
+        free = free_space(tmp)  # before the cleanup gives the space back
     if _anyone(accelerator, error is not None):
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(_failure(final, error, previous)) from error
+        raise CheckpointError(_failure(final, error, previous, free if error is not None else None)) from error
 
     # phase 2: rank 0 publishes it (rename, pointer, pruning)
     error = None
@@ -166,26 +175,38 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, *, config_yaml: str, 
     return final
 
 
-def _failure(final: Path, error: BaseException | None, previous: Path | None) -> str:
-    cause = f"{type(error).__name__}: {error}" if error is not None else "on another rank (see its log)"
+def _failure(final: Path, error: BaseException | None, previous: Path | None, free=None) -> str:
+    if error is None:
+        cause = "writing checkpoint {final} failed on another rank (see its log)".format(final=final)
+    else:
+        cause = describe_write_failure(final, error, free)
     kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-    return f"writing checkpoint {final} failed ({cause}); its temporary directory was removed and {kept}"
+    return f"{cause}; its temporary directory was removed and {kept}"
 
 
 def prune(root: Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` complete checkpoints (0 keeps all) and stale temp dirs."""
+    """Delete all but the newest `keep` complete checkpoints (0 keeps all) and stale temp dirs.
+
+    Each checkpoint leaves its name in one rename (to `.pruned`) before its files go, so a
+    prune killed at any instant leaves complete `step-NNNNNN` directories only; the leftovers
+    of such a prune are removed by the next one."""
     root = Path(root)
     removed = []
-    for entry in root.iterdir():
-        if entry.is_dir() and (entry.name.endswith(".tmp") or entry.name.endswith(".old")):
+    for entry in root.iterdir():  # leftovers first: a `.pruned` name must be free for the rename below
+        if entry.is_dir() and entry.name.endswith((".tmp", ".old", ".pruned")):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     if keep > 0:
         latest = latest_checkpoint(root)
+        doomed = []
         for _, path in list_checkpoints(root)[:-keep]:
             if path != latest:
-                shutil.rmtree(path, ignore_errors=True)
+                doomed.append(path.with_name(path.name + ".pruned"))
+                os.replace(path, doomed[-1])  # from here on it is no checkpoint, whatever happens next
                 removed.append(path)
+        fsync_dir(root)
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
     return removed
 
 
@@ -228,6 +249,7 @@ def load_checkpoint(accelerator, checkpoint: Path) -> dict:
     from accelerate.utils import DistributedType
 
     state = read_trainer_state(checkpoint)
+    check_random_states(checkpoint, accelerator.process_index)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     try:
         with _weights_only_loads() if deepspeed else contextlib.nullcontext():
@@ -238,6 +260,29 @@ def load_checkpoint(accelerator, checkpoint: Path) -> dict:
             "resumes under the same parallelism (DDP/FSDP/DeepSpeed) and model config it was written with"
         ) from error
     return state
+
+
+def check_random_states(checkpoint: Path, rank: int) -> bool:
+    """Whether this rank's RNG states load; if not, a warning that the resume will not be exact.
+
+    accelerate's load_state skips an unreadable random_states_<rank>.pkl with a log line at
+    info level and goes on with the current RNG (dropout, masking and shuffling then differ from
+    the uninterrupted run). The file is read here the same way accelerate reads it: torch.load
+    with weights_only=True and numpy arrays allowed, so nothing in it can run code."""
+    from accelerate.utils.other import load
+
+    path = Path(checkpoint) / f"random_states_{rank}.pkl"
+    try:
+        states = load(path)
+        for key in ("random_state", "numpy_random_seed", "torch_manual_seed"):
+            states[key]
+    except Exception as error:  # noqa: BLE001 - any reason: missing, torn, not a weights-only pickle
+        reason = "missing" if not path.exists() else f"unreadable ({type(error).__name__}: {str(error)[:200]})"
+        messages.warn(f"{path} is {reason}: rank {rank} resumes with fresh random states, so dropout, masking and "
+                      "sampling after the resume differ from an uninterrupted run (the resume is not exact)",
+                      all_ranks=True)
+        return False
+    return True
 
 
 def _now() -> str:

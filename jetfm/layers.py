@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("models", "modules, objectives, optimizer groups; the tokenizer and classifier models; stage exports",
      ("jetfm.models", "jetfm.tokenizer", "jetfm.finetune", "jetfm.artifacts.exports")),
     ("runtime", "what runs the models: accelerate and parallelism, checkpoints, MLflow tracking and run lookup",
-     ("jetfm.distributed", "jetfm.tracking", "jetfm.checkpoint", "jetfm.artifacts.runs")),
+     ("jetfm.distributed", "jetfm.tracking", "jetfm.checkpoint", "jetfm.rundir", "jetfm.artifacts.runs")),
     ("stages", "what a stage needs beyond its model: evaluation, tokenizing, sampling, estimates, scaling",
      ("jetfm.stages", "jetfm.tokenizer.evaluate", "jetfm.tokenizer.tokenize", "jetfm.finetune.evaluate",
       "jetfm.sampling", "jetfm.evaluation", "jetfm.estimate", "jetfm.scaling")),

@@ -5,6 +5,7 @@
     python jetfm/train.py --config configs/joint.yaml --dry-run             # print the resolved config, exit
     accelerate launch jetfm/train.py --config configs/joint.yaml --resume   # = --resume auto
     python jetfm/train.py --keys                                            # every config key, documented
+    python jetfm/train.py --config configs/joint.yaml --restart             # start over: old run moved aside
 
 Parallelism comes from the launcher: `accelerate launch --config_file
 configs/accelerate/{ddp,fsdp,deepspeed_zero2,multinode}.yaml` (CPU recipes in
@@ -66,7 +67,8 @@ from tqdm.auto import tqdm
 
 from jetfm import stages
 from jetfm.artifacts.exports import export_stage
-from jetfm.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from jetfm.artifacts.atomic import WriteError, append_text
+from jetfm.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from jetfm.config import Config, ConfigError, describe_keys, flatten, load_config, load_yaml
 from jetfm.data.format import DataError
 from jetfm.data.reader import make_loader
@@ -74,6 +76,7 @@ from jetfm.data.shards import Manifest
 from jetfm.distributed import describe, full_state_dict, make_accelerator, shard_model, sync_replicas, unwrap
 from jetfm.estimate import long_run_warning
 from jetfm.models.optim import build_optimizer
+from jetfm.rundir import RunDirError, claim_run_dir, release_run_dir
 from jetfm.tracking import start_tracking
 from jetfm.train_metrics import (Diverged, Window, format_summary, grad_norm_tensor, memory_gb,
                                  nonfinite_now, write_summary)
@@ -99,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
                         help="continue from the latest checkpoint of out_dir (auto; a fresh start if there is none) "
                              "or from PATH (a checkpoint, checkpoints/ or run directory): same MLflow run, same data order")
+    parser.add_argument("--restart", action="store_true",
+                        help="out_dir holds a previous run: start over, moving it into out_dir/replaced-<time>/ "
+                             "(without --resume or --restart such a run is refused; nothing is ever deleted)")
     parser.add_argument("--keys", action="store_true", help="list every config key with type, default and meaning, then exit")
     args = parser.parse_intermixed_args(argv)
     if args.resume is not None and "=" in args.resume and not Path(args.resume).exists():
@@ -127,13 +133,15 @@ def main(argv: list[str] | None = None) -> int:
             print(cfg.to_yaml(), end="")
         return EXIT_OK
     try:
-        return train(cfg, resume=args.resume)
+        return train(cfg, resume=args.resume, restart=args.restart)
     except (ConfigError, DataError) as error:  # the user's input: a message, not a traceback
         print(f"jetfm: {error}", file=sys.stderr)
         return EXIT_CONFIG
-    except (CheckpointError, stages.StageError) as error:
+    except (CheckpointError, stages.StageError, RunDirError, WriteError) as error:
         print(f"jetfm: {error}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        release_run_dir(Path(cfg.out_dir))  # also when setup failed after taking the lock
 
 
 # --------------------------------------------------------------------------- the run
@@ -182,9 +190,9 @@ class Run:
         return self.accelerator.num_processes
 
 
-def train(cfg: Config, resume: str | None = None) -> int:
+def train(cfg: Config, resume: str | None = None, restart: bool = False) -> int:
     """Train `cfg` to cfg.train.max_steps (or from a checkpoint, see find_checkpoint). Exit status."""
-    run = setup(cfg, resume)
+    run = setup(cfg, resume, restart)
     status, message, exit_code = "completed", "", EXIT_OK
     stop = StopSignals()
     stop.install()
@@ -213,6 +221,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
         status, message = "failed", f"{type(error).__name__}: {error}"
         run.tracker.close("FAILED")
         write_summary(run.run_dir, run.is_main, summarize(run, status, message))
+        release_run_dir(run.run_dir)
         raise
     finally:
         stop.restore()
@@ -237,10 +246,11 @@ def train(cfg: Config, resume: str | None = None) -> int:
     run.say(format_summary(summary))
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
+    release_run_dir(run.run_dir)
     return exit_code
 
 
-def setup(cfg: Config, resume: str | None) -> Run:
+def setup(cfg: Config, resume: str | None, restart: bool = False) -> Run:
     """Accelerator, seed, data, model, optimizer and schedule, prepare, resume, tracking: the Run."""
     from accelerate.utils import set_seed
 
@@ -258,6 +268,10 @@ def setup(cfg: Config, resume: str | None) -> Run:
         f"precision {cfg.train.precision} | global batch {cfg.data.batch_size * world * accum} jets "
         f"({cfg.data.batch_size} x {world} processes x {accum} accumulation)")
     checkpoint_dir = find_checkpoint(resume, run_dir)
+    # one run per directory (rank 0 locks it), and no silent start-over on a previous run (jetfm/rundir.py)
+    for note in claim_run_dir(accelerator, run_dir, resume=resume, restart=restart,
+                              resume_step=read_trainer_state(checkpoint_dir)["step"] if checkpoint_dir else None):
+        say(note)
     if resume == "auto" and checkpoint_dir is None:
         say(f"--resume auto: no checkpoint in {run_dir / 'checkpoints'}, starting fresh")
 
@@ -705,9 +719,9 @@ def _printer(is_main: bool):
 
 
 def _append_jsonl(path: Path, record: dict, is_main: bool) -> None:
+    """One whole line or none (a full disk raises WriteError naming the file and the free space)."""
     if is_main:
-        with open(path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_text(path, json.dumps(record) + "\n")
 
 
 def _note_config_changes(say, checkpoint_dir: Path, cfg: Config) -> None:

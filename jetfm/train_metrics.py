@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from jetfm import messages
 from jetfm.artifacts.atomic import atomic_write_text
 
 
@@ -144,11 +145,19 @@ def memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def write_summary(run_dir: Path, is_main: bool, summary: dict) -> None:
+def write_summary(run_dir: Path, is_main: bool, summary: dict) -> bool:
+    """summary.json, whole or not at all: a write that fails (a full disk) leaves the previous one
+    (or none) and no temporary file, and is one warning naming the file and the free space, not an
+    error on top of the one that may be ending the run. Whether it was written."""
     if not is_main:
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+        return True
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+    except OSError as error:  # WriteError from atomic_write_text; mkdir's own OSError
+        messages.warn(f"summary not written: {error}")
+        return False
+    return True
 
 
 def format_summary(s: dict) -> str:

@@ -293,15 +293,16 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path, tiny_data)
     run_dir = tmp_path / "tiny"
     first = json.loads((run_dir / "summary.json").read_text())
     shutil.rmtree(run_dir / "checkpoints" / "step-000008")  # as if the run died after step 4's checkpoint
+    before, val_before = read_metric_records(run_dir), read_metric_records(run_dir, "val/loss")
     assert run(config, "--resume") == 0
     second = json.loads((run_dir / "summary.json").read_text())
     assert second["resumed_from"].endswith("step-000004") and second["steps_this_session"] == 4
 
-    records = read_metric_records(run_dir)
-    assert [s for s, _ in records] == [1, 2, 3, 4, 5, 6, 7, 8, 5, 6, 7, 8]
-    assert [v for _, v in records[4:8]] == [v for _, v in records[8:]]  # exact, not approximately
+    records = read_metric_records(run_dir)  # the re-run steps' rows replace theirs: no duplicates
+    assert [s for s, _ in records] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert records == before  # exact, not approximately
     val = read_metric_records(run_dir, "val/loss")
-    assert val[1] == val[2]  # step 8's validation, before and after the resume
+    assert [s for s, _ in val] == [4, 8] and val == val_before  # step 8's validation, before and after the resume
 
     assert first["mlflow"]["run_id"] and second["mlflow"]["run_id"] == first["mlflow"]["run_id"]
     from mlflow.tracking import MlflowClient
@@ -309,6 +310,8 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path, tiny_data)
     client = MlflowClient(first["mlflow"]["uri"])
     history = client.get_metric_history(first["mlflow"]["run_id"], "train/loss")
     assert sorted({m.step for m in history}) == list(range(1, 9))
+    # MLflow keeps every value logged (no overwrite by step): the re-run steps 5..8 are there twice, equal
+    assert len(history) == 12 and len({(m.step, m.value) for m in history}) == 8
     assert client.get_run(first["mlflow"]["run_id"]).info.status == "FINISHED"
 
 
