@@ -63,6 +63,12 @@ def location(where) -> str | Path:
     return where if is_url(where) else Path(where)
 
 
+def resolved(where) -> str:
+    """A data location for provenance records: the absolute path of a directory, a URL as given."""
+    where = location(where)
+    return str(where.resolve()) if isinstance(where, Path) else where
+
+
 def env_number(name: str, default: float) -> float:
     value = os.environ.get(name)
     if value is None or value == "":
@@ -202,6 +208,7 @@ class RemoteStore(ShardStore):
         self.retries = int(env_number("JETFM_DATA_RETRIES", 5))
         self.backoff_s = env_number("JETFM_DATA_BACKOFF_S", 0.5)
         self._fs = None
+        self._pid = os.getpid()
 
     def __getstate__(self):  # DataLoader workers build their own client (sessions do not cross processes)
         state = dict(self.__dict__)
@@ -210,7 +217,8 @@ class RemoteStore(ShardStore):
 
     @property
     def fs(self):
-        if self._fs is None:
+        if self._fs is None or self._pid != os.getpid():  # a forked DataLoader worker builds its own client
+            self._pid = os.getpid()
             import fsspec
 
             options = {}
