@@ -270,6 +270,16 @@ class JetDataset(IterableDataset):
                 "lower data.batch_size")
 
     # ------------------------------------------------------------------ loading
+    def _prefetch(self, units: list[Unit]) -> None:
+        """Ask the store to fetch these chunks ahead (a remote store overlaps their transfer with
+        the current block's decoding; a local one ignores it)."""
+        shards = self.manifest.shards(self.split)
+        for unit in units:
+            record = shards[unit.shard]
+            if record.get("chunks") is not None:
+                offset, length = record["chunks"][unit.chunk]
+                self.store.prefetch(record["path"], int(offset), int(length))
+
     def _load_block(self, units: list[Unit], logical_worker: int, block: int):
         shards = self.manifest.shards(self.split)
         pieces = []
@@ -345,6 +355,7 @@ class JetDataset(IterableDataset):
         pending = []  # (jets, x, reco, indices) pieces of the batch being assembled
         pending_jets = 0
         while block < len(blocks):
+            self._prefetch(blocks[block] + (blocks[block + 1] if block + 1 < len(blocks) else []))
             jets, x, reco, order = self._load_block(blocks[block], logical_worker, block)
             while offset < len(order):
                 take = min(self.batch_size - pending_jets, len(order) - offset)

@@ -102,6 +102,9 @@ class ShardStore:
     def exists(self, relpath: str) -> bool:
         raise NotImplementedError
 
+    def prefetch(self, relpath: str, offset: int, length: int) -> None:
+        """Hint that read_range(relpath, offset, length) comes soon (a remote store starts it now)."""
+
     def __str__(self) -> str:
         return str(self.root)
 
@@ -209,16 +212,25 @@ class RemoteStore(ShardStore):
         self.backoff_s = env_number("JETFM_DATA_BACKOFF_S", 0.5)
         self._fs = None
         self._pid = os.getpid()
+        self._pool = None
+        self._ahead: dict[tuple[str, int, int], object] = {}  # read-ahead futures, oldest first
 
     def __getstate__(self):  # DataLoader workers build their own client (sessions do not cross processes)
         state = dict(self.__dict__)
-        state["_fs"] = None
+        state.update(_fs=None, _pool=None, _ahead={})
         return state
+
+    def _forked(self) -> bool:
+        """True once in a new process (a forked DataLoader worker): clients and threads are rebuilt."""
+        if self._pid == os.getpid():
+            return False
+        self._pid, self._fs, self._pool, self._ahead = os.getpid(), None, None, {}
+        return True
 
     @property
     def fs(self):
-        if self._fs is None or self._pid != os.getpid():  # a forked DataLoader worker builds its own client
-            self._pid = os.getpid()
+        self._forked()
+        if self._fs is None:
             import fsspec
 
             options = {}
@@ -277,7 +289,32 @@ class RemoteStore(ShardStore):
         url = self.where(relpath)
         return self._retrying(url, "reading", lambda: self.fs.cat_file(url))
 
+    #: chunks fetched ahead at most (a block of the reader's plan is ~10: a few MB held)
+    MAX_AHEAD = 32
+
+    def prefetch(self, relpath: str, offset: int, length: int) -> None:
+        """Start fetching a chunk in a background thread, so the transfer overlaps the decoding of
+        the chunks before it (the latency of a range request is hidden, not just its bandwidth)."""
+        self._forked()
+        key = (relpath, offset, length)
+        if self.cache is not None or key in self._ahead:
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(4, thread_name_prefix="jetfm-fetch")
+        self._ahead[key] = self._pool.submit(self._read_range, relpath, offset, length)
+        while len(self._ahead) > self.MAX_AHEAD:
+            self._ahead.pop(next(iter(self._ahead))).cancel()
+
     def read_range(self, relpath: str, offset: int, length: int) -> bytes:
+        self._forked()
+        ahead = self._ahead.pop((relpath, offset, length), None)
+        if ahead is not None:
+            return ahead.result()  # a failure raises here, as if read now (retries included)
+        return self._read_range(relpath, offset, length)
+
+    def _read_range(self, relpath: str, offset: int, length: int) -> bytes:
         if self.cache is not None:
             local = self.cache.fetch(self, relpath)
             if local is not None:
@@ -327,3 +364,75 @@ def open_store(where, *, cache_dir: str | Path | None = None, cache_gb: float | 
     if cache_dir is not None:
         cache = ShardCache(cache_dir, int((cache_gb if cache_gb is not None else 50.0) * 1e9))
     return RemoteStore(where, cache)
+
+
+# --------------------------------------------------------------------------- a server for tests and benchmarks
+def serve_directory(directory: str | Path, host: str = "127.0.0.1", port: int = 0):
+    """An HTTP server (not yet started: call `serve_forever`) for the files under `directory`,
+    answering Range requests, which the standard library's `http.server` does not. For trying a
+    shard set over HTTP on one machine and for benchmarks; production data belongs behind a real
+    web server or an object store."""
+    import http.server
+    import re as _re
+
+    root = Path(directory).resolve()
+
+    class RangeHandler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _answer(self, body: bool) -> None:
+            path = (root / self.path.split("?")[0].lstrip("/")).resolve()
+            if root not in path.parents or not path.is_file():
+                self.send_error(404)
+                return
+            size = path.stat().st_size
+            start, end = 0, size - 1
+            match = _re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+            if match:
+                start, end = int(match[1]), min(int(match[2]) if match[2] else size - 1, size - 1)
+            self.send_response(206 if match else 200)
+            self.send_header("Content-Length", str(end - start + 1))
+            self.send_header("Accept-Ranges", "bytes")
+            if match:
+                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            self.end_headers()
+            if body:
+                with open(path, "rb") as handle:
+                    handle.seek(start)
+                    self.wfile.write(handle.read(end - start + 1))
+
+        def do_GET(self):
+            self._answer(True)
+
+        def do_HEAD(self):
+            self._answer(False)
+
+    server = http.server.ThreadingHTTPServer((host, port), RangeHandler)
+    server.daemon_threads = True
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m jetfm.data.remote",
+                                     description="serve a shard-set directory over HTTP with Range support (tests)")
+    parser.add_argument("dir", help="shard-set directory (holds manifest.json)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    server = serve_directory(args.dir, args.host, args.port)
+    messages.info(f"serving {Path(args.dir).resolve()} at http://{args.host}:{server.server_address[1]}/ "
+                  "(data.path=that URL; Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
