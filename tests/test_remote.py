@@ -311,3 +311,20 @@ def test_cache_keeps_shards_within_its_limit(tmp_path, serve):
     assert isinstance(store.cache, ShardCache)
     store.read_range(f"train/{name}", 0, 512)
     assert server.requests == []
+
+
+def test_a_server_that_ignores_range_still_gives_the_same_batches(tmp_path):
+    """The standard library's http.server answers every GET with the whole file (no Range)."""
+    import functools
+
+    write_dataset(tmp_path, n_shards=2)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert_same_batches(all_batches(loader(url)), all_batches(loader(tmp_path)))
+    finally:
+        server.shutdown()
+        server.server_close()
