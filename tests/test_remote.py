@@ -284,6 +284,8 @@ def test_refusals_and_hangs_are_errors_naming_the_url(tmp_path, serve, monkeypat
     with pytest.raises(DataError, match=re.escape(f"{server.url}/nothing/manifest.json: not found")):
         Manifest.load(f"{server.url}/nothing")
     shutil.move(tmp_path / "moved.tar", tmp_path / "train" / "shard-000002.tar")
+    with pytest.raises(DataError, match="must not hold a user name or password"):
+        Manifest.load(server.url.replace("http://", "http://user:secret@"))
     monkeypatch.setenv("JETFM_DATA_RETRIES", "1")
     server.stall_s = 2.0
     server.faults.extend([("shard-000000", "stall")] * 2)  # every attempt hangs

@@ -274,11 +274,13 @@ class JetDataset(IterableDataset):
         """Ask the store to fetch these chunks ahead (a remote store overlaps their transfer with
         the current block's decoding; a local one ignores it)."""
         shards = self.manifest.shards(self.split)
+        ranges = []
         for unit in units:
             record = shards[unit.shard]
             if record.get("chunks") is not None:
                 offset, length = record["chunks"][unit.chunk]
-                self.store.prefetch(record["path"], int(offset), int(length))
+                ranges.append((record["path"], int(offset), int(length)))
+        self.store.prefetch(ranges)
 
     def _load_block(self, units: list[Unit], logical_worker: int, block: int):
         shards = self.manifest.shards(self.split)

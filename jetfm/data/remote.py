@@ -102,8 +102,9 @@ class ShardStore:
     def exists(self, relpath: str) -> bool:
         raise NotImplementedError
 
-    def prefetch(self, relpath: str, offset: int, length: int) -> None:
-        """Hint that read_range(relpath, offset, length) comes soon (a remote store starts it now)."""
+    def prefetch(self, ranges: list[tuple[str, int, int]]) -> None:
+        """Hint that read_range(*r) for each r in `ranges` comes soon, in this order (a remote store
+        starts fetching them now; each call replaces the previous hint)."""
 
     def __str__(self) -> str:
         return str(self.root)
@@ -292,20 +293,23 @@ class RemoteStore(ShardStore):
     #: chunks fetched ahead at most (a block of the reader's plan is ~10: a few MB held)
     MAX_AHEAD = 32
 
-    def prefetch(self, relpath: str, offset: int, length: int) -> None:
-        """Start fetching a chunk in a background thread, so the transfer overlaps the decoding of
-        the chunks before it (the latency of a range request is hidden, not just its bandwidth)."""
+    def prefetch(self, ranges: list[tuple[str, int, int]]) -> None:
+        """Fetch the first MAX_AHEAD of `ranges` in background threads, so their transfer overlaps
+        the decoding of the chunks before them (request latency is hidden, not only bandwidth
+        shared). Fetches no longer asked for are dropped: memory holds at most MAX_AHEAD chunks."""
         self._forked()
-        key = (relpath, offset, length)
-        if self.cache is not None or key in self._ahead:
+        if self.cache is not None:
             return
+        wanted = [tuple(r) for r in ranges[: self.MAX_AHEAD]]
+        for key in set(self._ahead) - set(wanted):
+            self._ahead.pop(key).cancel()
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(4, thread_name_prefix="jetfm-fetch")
-        self._ahead[key] = self._pool.submit(self._read_range, relpath, offset, length)
-        while len(self._ahead) > self.MAX_AHEAD:
-            self._ahead.pop(next(iter(self._ahead))).cancel()
+        for key in wanted:
+            if key not in self._ahead:
+                self._ahead[key] = self._pool.submit(self._read_range, *key)
 
     def read_range(self, relpath: str, offset: int, length: int) -> bytes:
         self._forked()
@@ -360,6 +364,10 @@ def open_store(where, *, cache_dir: str | Path | None = None, cache_gb: float | 
     where = location(str(where) if not isinstance(where, Path) else where)
     if isinstance(where, Path):
         return LocalStore(where)
+    if re.match(r"^[^:/]+://[^/]*@", where):
+        raise DataError(f"{where.split('://')[0]}://...: a data URL must not hold a user name or password (the "
+                        "config is saved with every checkpoint and logged); give credentials through the "
+                        "environment or the filesystem library's standard configuration")
     cache = None
     if cache_dir is not None:
         cache = ShardCache(cache_dir, int((cache_gb if cache_gb is not None else 50.0) * 1e9))
