@@ -185,7 +185,9 @@ def test_file_url_and_old_manifest_without_byte_spans(tmp_path, serve):
         del shard["chunks"]  # as written before the spans were recorded: the reader scans the tar
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     server = serve(tmp_path)
+    server.faults.append(("shard-000001", "drop"))  # mid-scan: the pass starts again
     assert_same_batches(all_batches(loader(server.url)), local)
+    assert not server.faults
     assert_same_batches(all_batches(loader(tmp_path)), local)
 
 

@@ -18,7 +18,6 @@ Reading never unpickles: tar entries are plain .npy, loaded with allow_pickle=Fa
 from __future__ import annotations
 
 import math
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -29,8 +28,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batch import JetBatch
 from .features import Preprocessing, particle_features
-from .format import DataError, JetArrays, chunk_entries, decode_chunk, tar_chunk_spans
-from .remote import LocalStore, open_store
+from .format import DataError, JetArrays, chunk_entries, decode_chunk
+from .remote import open_store
 from .shards import Manifest
 
 
@@ -50,17 +49,8 @@ class ShardIndex:
         self.path = self.store.where(self.relpath)
         spans = record.get("chunks")
         if spans is None:
-            spans = self._scan()
+            spans = self.store.chunk_spans(self.relpath)
         self.spans = [(int(offset), int(length)) for offset, length in spans]
-
-    def _scan(self) -> list[tuple[int, int]]:
-        local = isinstance(self.store, LocalStore)
-        try:
-            with self.store.open_stream(self.relpath) as handle, \
-                    tarfile.open(fileobj=handle, mode="r:" if local else "r|") as tar:
-                return [(offset, length) for _, offset, length in tar_chunk_spans(tar)]
-        except (tarfile.TarError, EOFError, OSError) as error:
-            raise DataError(f"{self.path}: not a readable tar ({error}); the shard is truncated or corrupt") from error
 
     def __len__(self) -> int:
         return len(self.spans)

@@ -37,11 +37,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import tarfile
 import time
 from pathlib import Path
 
 from .. import messages
-from .format import DataError
+from .format import DataError, tar_chunk_spans
 
 #: statuses that a later attempt may get past (server trouble, rate limits, request timeouts).
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -95,8 +96,9 @@ class ShardStore:
         """Exactly `length` bytes from `offset` (DataError if the file is shorter)."""
         raise NotImplementedError
 
-    def open_stream(self, relpath: str):
-        """A sequential binary stream of a whole file (for scanning old shards without byte spans)."""
+    def chunk_spans(self, relpath: str) -> list[tuple[int, int]]:
+        """(offset, length) of every chunk of a shard, from its tar headers: for shard sets written
+        before the manifest recorded them."""
         raise NotImplementedError
 
     def exists(self, relpath: str) -> bool:
@@ -138,8 +140,13 @@ class LocalStore(ShardStore):
                             f"({offset + len(data)} bytes); the shard is truncated")
         return data
 
-    def open_stream(self, relpath: str):
-        return open(self.root / relpath, "rb")
+    def chunk_spans(self, relpath: str) -> list[tuple[int, int]]:
+        path = self.root / relpath
+        try:
+            with tarfile.open(path, "r:") as tar:  # a header walk: payloads are skipped
+                return [(offset, length) for _, offset, length in tar_chunk_spans(tar)]
+        except (tarfile.TarError, EOFError, OSError) as error:
+            raise DataError(f"{path}: not a readable tar ({error}); the shard is truncated or corrupt") from error
 
     def exists(self, relpath: str) -> bool:
         return (self.root / relpath).exists()
@@ -339,10 +346,19 @@ class RemoteStore(ShardStore):
         url = self.where(relpath)
         self._retrying(url, "download", lambda: self.fs.get_file(url, str(local)))
 
-    def open_stream(self, relpath: str):
+    def chunk_spans(self, relpath: str) -> list[tuple[int, int]]:
         url = self.where(relpath)
         kwargs = {"block_size": 0} if self.protocol in ("http", "https") else {}  # 0: one streamed GET
-        return self._retrying(url, "opening", lambda: self.fs.open(url, "rb", **kwargs))
+
+        def scan():  # one sequential pass; a fault mid-way starts the pass again
+            with self.fs.open(url, "rb", **kwargs) as stream:
+                try:
+                    with tarfile.open(fileobj=stream, mode="r|") as tar:
+                        return [(offset, length) for _, offset, length in tar_chunk_spans(tar)]
+                except (tarfile.TarError, EOFError) as error:
+                    raise DataError(f"{url}: not a readable tar ({error}); the shard is truncated or corrupt") from None
+
+        return self._retrying(url, "scanning the tar headers", scan)
 
     def exists(self, relpath: str) -> bool:
         url = self.where(relpath)
