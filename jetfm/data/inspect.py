@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -221,7 +222,7 @@ def inspect_dataset(directory, out_dir=None, splits=None, *, max_jets: int = 200
         verify_shards(store, manifest)
     splits = _ordered_splits(manifest, splits)
     if out_dir is None:
-        out_dir = directory / "inspect" if isinstance(directory, Path) else Path(f"inspect-{name}")
+        out_dir = directory / "inspect" if isinstance(directory, Path) else Path("inspect-" + re.sub(r"[^\w.-]", "_", name))
     out_dir = Path(out_dir)
     info, text = summarise(directory, manifest, splits)
     if verify:
