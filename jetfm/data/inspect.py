@@ -222,7 +222,8 @@ def inspect_dataset(directory, out_dir=None, splits=None, *, max_jets: int = 200
         verify_shards(store, manifest)
     splits = _ordered_splits(manifest, splits)
     if out_dir is None:
-        out_dir = directory / "inspect" if isinstance(directory, Path) else Path("inspect-" + re.sub(r"[^\w.-]", "_", name))
+        remote_dir = Path("inspect-" + re.sub(r"[^\w.-]", "_", name))  # inspect-127.0.0.1_8000
+        out_dir = directory / "inspect" if isinstance(directory, Path) else remote_dir
     out_dir = Path(out_dir)
     info, text = summarise(directory, manifest, splits)
     if verify:

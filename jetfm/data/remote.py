@@ -445,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jetfm.data.remote",
                                      description="serve a shard-set directory over HTTP with Range support (tests)")
     parser.add_argument("dir", help="shard-set directory (holds manifest.json)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
     server = serve_directory(args.dir, args.host, args.port)
