@@ -56,7 +56,15 @@ def reference_features() -> dict[str, dict]:
 @dataclass
 class DataConfig:
     path: str | None = None
-    """Shard-set directory (holds manifest.json), written by `jetfm data generate|convert|tokenize`."""
+    """Shard set (holds manifest.json), written by `jetfm data generate|convert|tokenize`: a
+    directory, or a URL read chunk by chunk (http(s)://, s3://, gs://, file://; docs/DATA.md)."""
+
+    cache_dir: str | None = None
+    """For a URL data.path: keep fetched shards in this local directory for later epochs (None:
+    read chunk by chunk, nothing kept)."""
+
+    cache_gb: float = 50.0
+    """Size limit of data.cache_dir in GB; least recently used shards are evicted first."""
 
     train_split: str = "train"
     """Split trained on."""
@@ -93,6 +101,8 @@ class DataConfig:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.cache_gb <= 0:
+            raise ConfigError(f"data.cache_gb must be > 0, got {self.cache_gb}")
         if not self.features:
             raise ConfigError("data.features is empty: name at least one model input feature")
         if self.train_split == "":

@@ -77,7 +77,7 @@ def training_manifest(cfg) -> Manifest | None:
     if not path:
         return None
     try:
-        return Manifest.load(Path(path))
+        return Manifest.load(path)  # a directory or a URL
     except (DataError, OSError):
         return None
 

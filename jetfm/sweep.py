@@ -86,9 +86,11 @@ def write_train_subset(src, dst, n_jets: int, *, seed: int = 0, split: str = "tr
     from jetfm.artifacts.atomic import atomic_directory
     from jetfm.data.shards import Manifest, ShardSetWriter, creation_info
 
-    src, dst = Path(src), Path(dst)
+    from jetfm.data.remote import location, resolved
+
+    src, dst = location(src), Path(dst)  # src may be a URL (data/remote.py)
     manifest = Manifest.load(src)
-    info = {"subset_of": str(src.resolve()), "split": split, "n_jets": int(n_jets), "seed": int(seed)}
+    info = {"subset_of": resolved(src), "split": split, "n_jets": int(n_jets), "seed": int(seed)}
     if (dst / Manifest.FILENAME).exists():
         existing = Manifest.load(dst)
         if existing.source.get("subset") != info:
@@ -449,7 +451,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.add_argument("study", choices=["finetune"], help="what to sweep: finetune (the data-efficiency study)")
     parser.add_argument("--base", required=True, type=Path, help="fine-tuning config of every run (stage finetune)")
-    parser.add_argument("--data", type=Path, default=None, help="shard set (default the base config's data.path)")
+    parser.add_argument("--data", default=None, help="shard set, directory or URL (default the base config's data.path)")
     parser.add_argument("--out", required=True, type=Path, help="study directory (runs, subsets, table, plots)")
     parser.add_argument("--train-sizes", required=True, help="training jets per run, e.g. 100,1000,10000")
     parser.add_argument("--pretrained", default=f"{SCRATCH}=",
@@ -481,6 +483,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     from jetfm.config import ConfigError, load_config
     from jetfm.data.format import DataError
     from jetfm.data.shards import Manifest
+    from jetfm.data.remote import location
 
     out = args.out.resolve()
     try:
@@ -499,7 +502,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         base = load_config(args.base, args.overrides)
         if base.stage != "finetune":
             raise ConfigError(f"{args.base}: stage {base.stage}, expected finetune")
-        data = Path(args.data or base.data.path or "")
+        data = location(args.data or base.data.path or "")
         manifest = Manifest.load(data)
         n_train = manifest.n_jets(base.data.train_split)
         if sizes[-1] > n_train:  # "all of it": the table says how many that is

@@ -493,7 +493,7 @@ def _shard_jets(out_dir):
     shards = {}
     for split in sorted(manifest.splits):
         for record in manifest.splits[split]:
-            chunks = list(read_shard_chunks(out_dir / record["path"], manifest))
+            chunks = list(read_shard_chunks(out_dir, record, manifest))
             shards[record["path"]] = (record, JetArrays.concat(chunks))
     return shards
 

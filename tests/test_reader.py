@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from jetfm.data.features import Preprocessing, four_momenta_from_relative, particle_features
-from jetfm.data.format import JET_FEATURES, KINEMATIC_FEATURES, DataError, JetArrays
+from jetfm.data.format import JET_FEATURES, KINEMATIC_FEATURES, DataError, JetArrays, tar_chunk_spans
 from jetfm.data.reader import JetDataset, JetLoader, iterate_jets, verify_shards
 from jetfm.data.shards import Manifest, ShardWriter, creation_info
 
@@ -231,6 +231,10 @@ def test_pickled_entry_is_refused(tmp_path):
                 payload = evil.getvalue()
                 member.size = len(payload)
             tar.addfile(member, io.BytesIO(payload))
+    data = json.loads((tmp_path / "manifest.json").read_text())  # the bytes moved: a forger records them too
+    with tarfile.open(path, "r:") as tar:
+        data["splits"]["train"][0]["chunks"] = [[o, n] for _, o, n in tar_chunk_spans(tar)]
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(DataError, match="not a plain .npy"):
         full_epoch(JetLoader(JetDataset(tmp_path, "train", prep(), 16, shuffle=False), num_workers=0))
 

@@ -16,6 +16,7 @@ Entries are plain .npy read with allow_pickle=False: reading a shard never runs 
 from __future__ import annotations
 
 import io
+import tarfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -239,6 +240,50 @@ def decode_chunk(entries: dict[str, bytes], where: str) -> JetArrays:
         raise DataError(f"{where}: entries {unknown} are not .npy (pickle and other decoders are refused)")
     arrays = {name[:-4]: load_npy(data, f"{where}/{name}") for name, data in entries.items()}
     return JetArrays(**{name: arrays.get(name) for name in ENTRY_NAMES})
+
+
+# --------------------------------------------------------------------------- chunks inside a tar
+# A shard is a tar; a chunk is the run of tar members sharing one key (<key>.part.npy, ...),
+# written back to back. Its *span* is [offset of its first header, end of its last payload
+# rounded up to a 512-byte block): the bytes one range request fetches. Manifests record the
+# spans (shard record `chunks`: [[offset, length], ...] in file order); `tar_chunk_spans`
+# recovers them from the headers of a shard written before they were recorded.
+def tar_chunk_spans(tar: tarfile.TarFile) -> list[tuple[str, int, int]]:
+    """(key, offset, length) of every chunk of an open tar, in file order (payloads are not read
+    in "r:" mode; a "r|" stream is read through once)."""
+    spans: dict[str, list[int]] = {}
+    for member in tar:
+        if not member.isfile():
+            continue
+        key = member.name.rpartition("/")[2].partition(".")[0]
+        end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        span = spans.setdefault(key, [member.offset, end])
+        span[0], span[1] = min(span[0], member.offset), max(span[1], end)
+    return [(key, start, end - start) for key, (start, end) in spans.items()]
+
+
+def chunk_entries(data: bytes, where: str) -> tuple[str, dict[str, bytes]]:
+    """The key and entries ('part.npy' -> bytes) of one chunk's span, read from its tar headers."""
+    view = memoryview(data)
+    entries, keys = {}, set()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, entry = member.name.rpartition("/")[2].partition(".")
+                if member.offset_data + member.size > len(data):
+                    raise DataError(f"{where}/{entry}: entry runs past the chunk's recorded span; the shard is "
+                                    "truncated or the manifest's byte offsets are stale")
+                keys.add(key)
+                entries[entry] = bytes(view[member.offset_data:member.offset_data + member.size])
+    except (tarfile.TarError, EOFError) as error:
+        raise DataError(f"{where}: not a tar chunk ({error}); the shard is corrupt or the manifest's byte offsets "
+                        "are stale") from error
+    if len(keys) != 1:
+        raise DataError(f"{where}: span holds {len(keys)} chunk keys {sorted(keys)}, expected one; the manifest's "
+                        "byte offsets are stale")
+    return keys.pop(), entries
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
     jetfm data inspect data/toptag                      # prints the summary, writes data/toptag/inspect/
     jetfm data inspect data/jetclass --splits train val --out plots/jetclass --verify
+    jetfm data inspect https://host/jetclass --verify   # a remote set (data/remote.py); OUT: ./inspect-jetclass
 
 The summary (jets per class and split, multiplicity, feature ranges, skipped jets, creation
 command) comes from the manifest alone. The histograms of jet mass, jet pT and number of
@@ -14,12 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 
 from .. import messages
 from .format import UNITS, DataError, JetArrays
+from .remote import open_store
 from .shards import SPLITS, Manifest
 
 #: Histogrammed jet observables: (jet feature, file stem, axis label).
@@ -31,14 +34,14 @@ OBSERVABLES = (
 
 
 # ----------------------------------------------------------------------------- reading a sample
-def _read_chunks(path: Path, manifest: Manifest):
+def _read_chunks(store, shard: dict, manifest: Manifest):
     """Chunks of one shard in file order (imported here: the reader pulls in torch, a summary needs none)."""
     from .reader import read_shard_chunks
 
-    return read_shard_chunks(path, manifest)
+    return read_shard_chunks(store, shard, manifest)
 
 
-def sample_split(directory: Path, manifest: Manifest, split: str, max_jets: int) -> JetArrays:
+def sample_split(directory, manifest: Manifest, split: str, max_jets: int) -> JetArrays:
     """Up to ~max_jets jets of a split: the first chunks of every shard, about equally many per shard."""
     shards = manifest.shards(split)
     if not shards:
@@ -47,7 +50,7 @@ def sample_split(directory: Path, manifest: Manifest, split: str, max_jets: int)
     pieces = []
     for shard in shards:
         taken = 0
-        for jets in _read_chunks(directory / shard["path"], manifest):
+        for jets in _read_chunks(directory, shard, manifest):
             pieces.append(jets)
             taken += len(jets)
             if taken >= per_shard:
@@ -91,7 +94,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
 
 
-def summarise(directory: Path, manifest: Manifest, splits: list[str]) -> tuple[dict, str]:
+def summarise(directory, manifest: Manifest, splits: list[str]) -> tuple[dict, str]:
     """The manifest's facts as a dict and as readable text."""
     info = {
         "directory": str(directory),
@@ -209,23 +212,28 @@ def inspect_dataset(directory, out_dir=None, splits=None, *, max_jets: int = 200
     out_dir defaults to DIR/inspect. Returns the summary dict (also in OUT/summary.json) with
     "figures" (PNG paths) and "summary" (the printed text).
     """
-    directory = Path(directory)
-    manifest = Manifest.load(directory)
+    store = open_store(directory)
+    directory = store.root  # a Path, or the URL of a remote set
+    name = directory.name if isinstance(directory, Path) else directory.rpartition("/")[2]
+    manifest = Manifest.load(store)
     if verify:
         from .reader import verify_shards
 
-        verify_shards(directory, manifest)
+        verify_shards(store, manifest)
     splits = _ordered_splits(manifest, splits)
-    out_dir = Path(out_dir) if out_dir is not None else directory / "inspect"
+    if out_dir is None:
+        remote_dir = Path("inspect-" + re.sub(r"[^\w.-]", "_", name))  # inspect-127.0.0.1_8000
+        out_dir = directory / "inspect" if isinstance(directory, Path) else remote_dir
+    out_dir = Path(out_dir)
     info, text = summarise(directory, manifest, splits)
     if verify:
         n_shards = sum(len(manifest.shards(s)) for s in manifest.splits)
         text += f"\nVerified: all {n_shards} shards present and holding the recorded chunks and jets"
     figures = []
     if plots and splits:
-        samples = {split: sample_split(directory, manifest, split, max_jets) for split in splits}
+        samples = {split: sample_split(store, manifest, split, max_jets) for split in splits}
         totals = {split: manifest.n_jets(split) for split in splits}
-        title = f"{directory.name} ({manifest.source.get('kind', '?')})"
+        title = f"{name} ({manifest.source.get('kind', '?')})"
         figures = plot_observables(samples, manifest, totals, out_dir, title)
     info["figures"] = figures
     info["summary"] = text
@@ -241,8 +249,9 @@ def inspect_dataset(directory, out_dir=None, splits=None, *, max_jets: int = 200
 
 def add_inspect_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of `jetfm data inspect DIR`."""
-    parser.add_argument("dir", help="dataset directory (holds manifest.json)")
-    parser.add_argument("--out", default=None, help="where figures and summary go (default: DIR/inspect)")
+    parser.add_argument("dir", help="dataset directory or URL (holds manifest.json): http(s)://, s3://, gs://, file://")
+    parser.add_argument("--out", default=None,
+                        help="where figures and summary go (default: DIR/inspect; ./inspect-NAME for a URL)")
     parser.add_argument("--splits", nargs="+", default=None, help="splits to show (default: all)")
     parser.add_argument("--max-jets", type=int, default=200_000, help="jets per split read for the histograms")
     parser.add_argument("--no-plots", action="store_true", help="summary only")

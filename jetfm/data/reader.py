@@ -18,7 +18,6 @@ Reading never unpickles: tar entries are plain .npy, loaded with allow_pickle=Fa
 from __future__ import annotations
 
 import math
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -29,54 +28,44 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batch import JetBatch
 from .features import Preprocessing, particle_features
-from .format import REQUIRED_ENTRIES, DataError, JetArrays, decode_chunk
+from .format import DataError, JetArrays, chunk_entries, decode_chunk
+from .remote import open_store
 from .shards import Manifest
 
 
 # --------------------------------------------------------------------------- raw chunk access
 class ShardIndex:
-    """Byte offsets of the chunks in one tar, from its headers (payloads are not read)."""
+    """Where the chunks of one shard lie, and reading one chunk with one (range) read.
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        chunks: dict[str, dict[str, tuple[int, int]]] = {}
-        try:
-            with tarfile.open(self.path, "r:") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, _, entry = member.name.rpartition("/")[2].partition(".")
-                    chunks.setdefault(key, {})[entry] = (member.offset_data, member.size)
-        except (tarfile.TarError, EOFError, OSError) as error:
-            raise DataError(f"{self.path}: not a readable tar ({error}); the shard is truncated or corrupt") from error
-        self.keys = list(chunks)
-        self.chunks = chunks
-        self.size = self.path.stat().st_size
+    The byte spans come from the shard's manifest record (`chunks`, written since spans were
+    recorded: nothing is read) or, for older shard sets, from the tar headers (a header walk of a
+    local file; one streamed pass over a remote one). A read fetches exactly one chunk's span.
+    """
+
+    def __init__(self, store, shard: dict | str):
+        self.store = open_store(store)
+        record = shard if isinstance(shard, dict) else {"path": shard}
+        self.relpath = record["path"]
+        self.path = self.store.where(self.relpath)
+        spans = record.get("chunks")
+        if spans is None:
+            spans = self.store.chunk_spans(self.relpath)
+        self.spans = [(int(offset), int(length)) for offset, length in spans]
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.spans)
 
-    def read(self, index: int, handle) -> JetArrays:
-        key = self.keys[index]
+    def read_named(self, index: int) -> tuple[str, JetArrays]:
+        """(where, chunk) of chunk `index`: `where` names the shard and the chunk's key for messages."""
+        offset, length = self.spans[index]
+        data = self.store.read_range(self.relpath, offset, length)
+        key, entries = chunk_entries(data, f"{self.path}@{offset}")
         where = f"{self.path}:{key}"
-        entries = {}
-        for entry, (offset, size) in self.chunks[key].items():
-            if offset + size > self.size:
-                raise DataError(f"{where}/{entry}: entry runs past the end of the file; the shard is truncated")
-            handle.seek(offset)
-            entries[entry] = handle.read(size)
-        missing = [name for name in REQUIRED_ENTRIES if f"{name}.npy" not in entries]
-        if missing and index == len(self.keys) - 1 and not self._has_end_marker(handle):
-            raise DataError(f"{where}: chunk lacks entries {missing} and the file ends without the tar end-of-archive "
-                            f"blocks: the shard is truncated (cut inside this chunk); rewrite or re-copy it")
-        return decode_chunk(entries, where)
+        return where, decode_chunk(entries, where)
 
-    def _has_end_marker(self, handle) -> bool:
-        """A complete tar ends with two zero 512-byte blocks (and padding); a cut one does not."""
-        if self.size < 1024:
-            return False
-        handle.seek(self.size - 1024)
-        return not any(handle.read(1024))
+    def read(self, index: int) -> JetArrays:
+        return self.read_named(index)[1]
+
 
 
 def _check_chunk(jets: JetArrays, manifest: Manifest, where: str) -> None:
@@ -101,41 +90,41 @@ def _check_chunk(jets: JetArrays, manifest: Manifest, where: str) -> None:
                             f"another tokenizer")
 
 
-def read_shard_chunks(path: Path, manifest: Manifest) -> Iterator[JetArrays]:
-    """Every chunk of one shard, in file order, validated against the manifest."""
-    index = ShardIndex(path)
-    with open(path, "rb") as handle:
-        for i in range(len(index)):
-            jets = index.read(i, handle)
-            _check_chunk(jets, manifest, f"{path}:{index.keys[i]}")
-            yield jets
+def read_shard_chunks(directory, shard: dict, manifest: Manifest) -> Iterator[JetArrays]:
+    """Every chunk of one shard (its manifest record) of the set at `directory` (a directory, URL
+    or ShardStore), in file order, validated against the manifest."""
+    index = ShardIndex(directory, shard)
+    for i in range(len(index)):
+        where, jets = index.read_named(i)
+        _check_chunk(jets, manifest, where)
+        yield jets
 
 
-def verify_shards(directory: Path, manifest: Manifest) -> None:
+def verify_shards(directory, manifest: Manifest) -> None:
     """Check that every shard of the manifest exists and holds the chunk and jet counts it records
     (reads every chunk: the deep check of `jetfm data inspect`)."""
-    directory = Path(directory)
-    manifest.verify(directory)
+    store = open_store(directory)
+    manifest.verify(store)
     for shards in manifest.splits.values():
         for shard in shards:
-            path = directory / shard["path"]
             n_jets = n_chunks = 0
-            for jets in read_shard_chunks(path, manifest):
+            for jets in read_shard_chunks(store, shard, manifest):
                 n_jets += len(jets)
                 n_chunks += 1
             if (n_jets, n_chunks) != (shard["n_jets"], shard["n_chunks"]):
                 raise DataError(
-                    f"{path}: holds {n_jets} jets in {n_chunks} chunks, manifest says "
+                    f"{store.where(shard['path'])}: holds {n_jets} jets in {n_chunks} chunks, manifest says "
                     f"{shard['n_jets']} jets in {shard['n_chunks']} chunks"
                 )
 
 
-def iterate_jets(directory: Path, split: str) -> Iterator[JetArrays]:
-    """Every chunk of a split in manifest order, unshuffled (for conversion, tokenizing, metrics)."""
-    directory = Path(directory)
-    manifest = Manifest.load(directory)
+def iterate_jets(directory, split: str) -> Iterator[JetArrays]:
+    """Every chunk of a split in manifest order, unshuffled (for conversion, tokenizing, metrics);
+    `directory` is a shard-set directory, a URL or a ShardStore."""
+    store = open_store(directory)
+    manifest = Manifest.load(store)
     for shard in manifest.shards(split):
-        yield from read_shard_chunks(directory / shard["path"], manifest)
+        yield from read_shard_chunks(store, shard, manifest)
 
 
 def truncation_rows(offsets: np.ndarray, max_particles: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -209,10 +198,13 @@ class JetDataset(IterableDataset):
         inputs: str = "raw",
         drop_last: bool = False,
         require_tokens: bool = False,
+        cache_dir: str | Path | None = None,
+        cache_gb: float | None = None,
     ):
         super().__init__()
-        self.directory = Path(directory)
-        self.manifest = Manifest.load(self.directory)
+        self.store = open_store(directory, cache_dir=cache_dir, cache_gb=cache_gb)
+        self.directory = self.store.root  # a Path, or the URL of a remote set
+        self.manifest = Manifest.load(self.store)
         self.split = split
         self.preprocessing = preprocessing
         self.batch_size = batch_size
@@ -289,22 +281,31 @@ class JetDataset(IterableDataset):
                 "lower data.batch_size")
 
     # ------------------------------------------------------------------ loading
+    def _prefetch(self, units: list[Unit]) -> None:
+        """Ask the store to fetch these chunks ahead (a remote store overlaps their transfer with
+        the current block's decoding; a local one ignores it)."""
+        shards = self.manifest.shards(self.split)
+        ranges = []
+        for unit in units:
+            record = shards[unit.shard]
+            if record.get("chunks") is not None:
+                offset, length = record["chunks"][unit.chunk]
+                ranges.append((record["path"], int(offset), int(length)))
+        self.store.prefetch(ranges)
+
     def _load_block(self, units: list[Unit], logical_worker: int, block: int):
         shards = self.manifest.shards(self.split)
         pieces = []
         for unit in units:
-            path = self.directory / shards[unit.shard]["path"]
             index = self._indices.get(unit.shard)
             if index is None:
-                index = self._indices[unit.shard] = ShardIndex(path)
+                index = self._indices[unit.shard] = ShardIndex(self.store, shards[unit.shard])
                 if len(index) != shards[unit.shard]["n_chunks"]:
                     raise DataError(
-                        f"{path}: holds {len(index)} chunks, manifest {self.directory / Manifest.FILENAME} "
+                        f"{index.path}: holds {len(index)} chunks, manifest {self.store.where(Manifest.FILENAME)} "
                         f"says {shards[unit.shard]['n_chunks']}; the manifest disagrees with its shards"
                     )
-            with open(path, "rb") as handle:
-                jets = index.read(unit.chunk, handle)
-            where = f"{path}:{index.keys[unit.chunk]}"
+            where, jets = index.read_named(unit.chunk)
             _check_chunk(jets, self.manifest, where)
             if len(jets) != unit.n_jets:
                 raise DataError(f"{where}: holds {len(jets)} jets, manifest implies {unit.n_jets}")
@@ -367,6 +368,7 @@ class JetDataset(IterableDataset):
         pending = []  # (jets, x, reco, indices) pieces of the batch being assembled
         pending_jets = 0
         while block < len(blocks):
+            self._prefetch(blocks[block] + (blocks[block + 1] if block + 1 < len(blocks) else []))
             jets, x, reco, order = self._load_block(blocks[block], logical_worker, block)
             while offset < len(order):
                 take = min(self.batch_size - pending_jets, len(order) - offset)
@@ -499,5 +501,7 @@ def make_loader(data_cfg, split: str, *, rank: int = 0, world_size: int = 1, see
         inputs=getattr(data_cfg, "inputs", "raw"),
         drop_last=drop_uneven,
         require_tokens=require_tokens,
+        cache_dir=getattr(data_cfg, "cache_dir", None),
+        cache_gb=getattr(data_cfg, "cache_gb", None),
     )
     return JetLoader(dataset, num_workers=data_cfg.num_workers, drop_uneven=drop_uneven)

@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import sys
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,9 @@ from .format import (
     FeatureStats,
     JetArrays,
     encode_chunk,
+    tar_chunk_spans,
 )
+from .remote import LocalStore, open_store
 
 #: Features whose running statistics every manifest records (raw physical units).
 STAT_PARTICLE_FEATURES = ("part_pt", "part_etarel", "part_phirel", "part_energy")
@@ -52,6 +55,7 @@ class ShardRecord:
     particle_stats: dict
     jet_stats: dict
     unit: str | None = None  # generator work unit that produced it (for resume)
+    chunks: list[list[int]] | None = None  # [offset, length] of every chunk's bytes (format.tar_chunk_spans)
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -132,6 +136,8 @@ class ShardWriter:
             self._pending, self._pending_jets = [], 0
         self._tar.close()  # closes the underlying stream too
         os.replace(self.tmp_path, self.path)
+        with tarfile.open(self.path, "r:") as tar:  # headers only: where each chunk's bytes lie
+            spans = [[offset, length] for _, offset, length in tar_chunk_spans(tar)]
         return ShardRecord(
             path=self.relpath,
             n_jets=self.n_jets,
@@ -141,6 +147,7 @@ class ShardWriter:
             particle_stats=self.particle_stats.to_json(),
             jet_stats=self.jet_stats.to_json(),
             unit=self.unit,
+            chunks=spans,
         )
 
     def abort(self) -> None:
@@ -317,12 +324,14 @@ class Manifest:
         atomic_write_text(directory / self.FILENAME, json.dumps(self.to_json(), indent=1))
 
     @classmethod
-    def load(cls, directory: Path) -> "Manifest":
-        path = Path(directory) / cls.FILENAME
-        if not path.exists():
+    def load(cls, directory) -> "Manifest":
+        """The manifest of a shard set: a directory, a file:// URL, an http(s)/s3/gs URL or a ShardStore."""
+        store = open_store(directory)
+        path = store.where(cls.FILENAME)
+        if isinstance(store, LocalStore) and not store.exists(cls.FILENAME):
             raise DataError(f"{path}: no manifest; expected a directory written by `jetfm data generate|convert`")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(store.read_bytes(cls.FILENAME))
         except json.JSONDecodeError as error:
             raise DataError(f"{path}: not valid JSON ({error})") from error
         version = data.get("schema_version")
@@ -354,14 +363,14 @@ class Manifest:
                     f"{where}: {key} {getattr(other, key)} differ from the existing manifest's {getattr(self, key)}"
                 )
 
-    def verify(self, directory: Path) -> None:
+    def verify(self, directory) -> None:
         """Check that every listed shard exists (`data.reader.verify_shards` also reads their counts)."""
-        directory = Path(directory)
+        store = open_store(directory)
         for split, shards in self.splits.items():
             for shard in shards:
-                path = directory / shard["path"]
-                if not path.exists():
-                    raise DataError(f"{path}: listed in {directory / self.FILENAME} (split {split}) but missing")
+                if not store.exists(shard["path"]):
+                    raise DataError(f"{store.where(shard['path'])}: listed in {store.where(self.FILENAME)} "
+                                    f"(split {split}) but missing")
 
 
 def creation_info() -> dict:

@@ -56,6 +56,7 @@ import numpy as np
 from ..data.features import particle_features
 from ..data.format import JetArrays
 from ..data.reader import iterate_jets
+from ..data.remote import location
 from ..data.shards import Manifest
 from ..artifacts.runs import find_run_record, log_to_run, open_run, recorded_step
 from ..data.jetframe import GENERATED_SPLIT, RELATIVE_FEATURES, jet_frame_jets
@@ -76,7 +77,7 @@ class EvaluationError(ValueError):
 # --------------------------------------------------------------------------- samples
 def load_jets(directory, split: str | None, max_jets: int | None = None) -> tuple[JetArrays, Manifest, str]:
     """The first `max_jets` jets of a split (default: the only split, or `generated`)."""
-    directory = Path(directory)
+    directory = location(directory)  # a directory or a URL (data/remote.py)
     manifest = Manifest.load(directory)
     if split is None:
         split = GENERATED_SPLIT if GENERATED_SPLIT in manifest.splits else (
@@ -202,7 +203,7 @@ def evaluate_generative(
     (also written to OUT/metrics.json): comparisons[reference|tokenized][all|class] = {rows:
     [{observable, n_ref, n_gen, kl, w1}], kpd, kpd_std, fpd, n_ref_jets, n_gen_jets}, plots, mlflow."""
     started = time.perf_counter()
-    generated_dir, reference_dir = Path(generated_dir), Path(reference_dir)
+    generated_dir, reference_dir = Path(generated_dir), location(reference_dir)  # the reference may be a URL
     out_dir = Path(out_dir) if out_dir is not None else generated_dir / "evaluation"
     say = (lambda text: print(text, file=sys.stderr)) if verbose else (lambda text: None)
 
@@ -371,7 +372,7 @@ def _default_tracking(checkpoint) -> dict | None:
 # --------------------------------------------------------------------------- command line
 def add_generative_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generated", required=True, metavar="DIR", help="generated shard set (`jetfm generate --out`)")
-    parser.add_argument("--reference", required=True, metavar="DIR", help="reference shard set (e.g. the training data)")
+    parser.add_argument("--reference", required=True, metavar="DIR", help="reference shard set, directory or URL (e.g. the training data)")
     parser.add_argument("--reference-split", default="test", help="split of the reference (default test)")
     parser.add_argument("--generated-split", default=None, help="split of the generated set (default: generated)")
     parser.add_argument("--tokenizer", default=None, metavar="DIR",

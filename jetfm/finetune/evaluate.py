@@ -285,7 +285,9 @@ def evaluate_classifier(checkpoint, data, *, split: str = "test", out=None, batc
 
     from .model import load_classifier
 
-    checkpoint, data = Path(checkpoint), Path(data)
+    from jetfm.data.remote import location, resolved
+
+    checkpoint, data = Path(checkpoint), location(data)  # data may be a URL (data/remote.py)
     model, cfg, meta = load_classifier(checkpoint, device=device)
     model_classes = list(meta["classes"])
     manifest = Manifest.load(data)
@@ -340,7 +342,7 @@ def evaluate_classifier(checkpoint, data, *, split: str = "test", out=None, batc
     confusion = plot_confusion(report["confusion_matrix"], classes, out / "confusion.png")
     record = {
         "checkpoint": str(checkpoint.resolve()),
-        "data": str(data.resolve()),
+        "data": resolved(data),
         "split": split,
         "loss": result["loss"],
         **h,
@@ -374,7 +376,7 @@ def add_classifier_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1]
     parser.add_argument("--checkpoint", required=True, type=Path,
                         help="an exported classifier: a fine-tuning run's out_dir/best or out_dir/final")
-    parser.add_argument("--data", required=True, type=Path, help="shard set to evaluate on (same classes)")
+    parser.add_argument("--data", required=True, help="shard set (directory or URL) to evaluate on (same classes)")
     parser.add_argument("--split", default="test", help="split of --data (default test)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (default <run>/eval/<split>_<checkpoint name>)")

@@ -35,6 +35,7 @@ from .. import messages
 from ..data.features import particle_features
 from ..data.format import DataError
 from ..data.reader import read_shard_chunks, truncation_rows
+from ..data.remote import location, resolved
 from ..data.shards import Manifest, ShardWriter, creation_info
 from .model import (
     ParticleTokenizer,
@@ -101,7 +102,7 @@ def _output_manifest(out_dir: Path, source: Manifest, data_dir: Path, tokens: di
             )
         return existing
     return Manifest(
-        source={**source.source, "tokenized_from": str(data_dir.resolve())},
+        source={**source.source, "tokenized_from": resolved(data_dir)},
         particle_features=list(source.particle_features),
         jet_features=list(source.jet_features),
         classes=list(source.classes),
@@ -124,8 +125,8 @@ def tokenize_dataset(
     progress: bool = True,
 ) -> Manifest:
     """Write OUT = DATA + tokens (+ reco); resumable shard by shard. Returns OUT's manifest."""
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    if data_dir.resolve() == out_dir.resolve():
+    data_dir, out_dir = location(data_dir), Path(out_dir)  # data may be a URL (data/remote.py)
+    if resolved(data_dir) == str(out_dir.resolve()):
         raise DataError(f"{out_dir}: --out must differ from --data (tokenizing writes a new shard set)")
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
@@ -157,7 +158,7 @@ def tokenize_dataset(
             writer = ShardWriter(out_dir, shard["path"], source.particle_features, source.jet_features,
                                  len(source.classes), chunk_size=source.chunk_size, unit=shard.get("unit"))
             try:
-                for jets in read_shard_chunks(data_dir / shard["path"], source):
+                for jets in read_shard_chunks(data_dir, shard, source):
                     tokenized, _, _ = tokenize_jets(model, jets, source.particle_features, batch_size=batch_size,
                                                     device=device, with_reco=with_reco)
                     writer.write(tokenized)
