@@ -1,0 +1,150 @@
+"""The gradient of a global batch does not depend on how it is cut into micro-batches and processes.
+
+The real pre-training model (dropout 0) on one global batch of 2b jets with Gamma-distributed
+multiplicities, split after sorting by multiplicity (the worst split: short jets on one side,
+long ones on the other). Three ways to take the step, each through the trainer's own
+`loss_norms` and a real accelerate `Accelerator` (gloo on CPU):
+
+    1 process  x 2b                 the reference
+    1 process  x b, accumulation 2  accelerate's accumulate + backward
+    2 processes x b                 DDP over 2 spawned gloo processes
+
+MPM masks come from a per-step seed and each jet's index in the global batch (`LossNorm`), so
+every split masks the same particles. The old normalisation (a mean per micro-batch, averaged by
+accumulation and DDP) is measured too: it is what the new one must beat.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from jetfm.data.batch import JetBatch
+
+CODEBOOK, B = 30, 12  # b jets per micro-batch; the global batch has 2b
+OBJECTIVES = ("ntp", "mpm", "joint")
+
+
+def _model(objective: str):
+    from jetfm.models.config import ModelConfig, ObjectiveConfig
+    from jetfm.models.pretrain import build_pretrain_model
+
+    torch.manual_seed(0)
+    cfg = SimpleNamespace(
+        model=ModelConfig(dim=16, num_heads=2, num_blocks=2, head_blocks=1, dropout=0.0, max_particles=64),
+        objective=ObjectiveConfig(name=objective, ntp_weight=0.7, mpm_weight=1.3),
+        data=SimpleNamespace(features={"part_pt": {}, "part_etarel": {}, "part_phirel": {}}, inputs="raw"),
+    )
+    return build_pretrain_model(cfg, SimpleNamespace(tokens={"codebook_size": CODEBOOK}, classes=["QCD", "Tbqq"]))
+
+
+def _jets(lengths: torch.Tensor, g: torch.Generator) -> JetBatch:
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).int()
+    T, n = int(lengths.sum()), len(lengths)
+    return JetBatch(x=torch.randn(T, 3, generator=g), cu_seqlens=cu, max_seqlen=int(lengths.max()),
+                    labels=torch.zeros(n, dtype=torch.long), jet=torch.zeros(n, 6),
+                    tokens=torch.randint(1, CODEBOOK + 1, (T,), generator=g))
+
+
+def global_batch() -> tuple[JetBatch, JetBatch, JetBatch]:
+    """(all 2b jets, first half, second half): Gamma(k=2, theta=10) multiplicities in [1, 64]
+    (like jets' particle counts: a long tail), sorted, so the halves differ in size several-fold."""
+    g = torch.Generator().manual_seed(3)
+    gamma = torch.distributions.Gamma(torch.tensor(2.0), torch.tensor(0.1))
+    torch.manual_seed(4)
+    lengths = gamma.sample((2 * B,)).round().long().clamp(1, 64).sort().values
+    full = _jets(lengths, g)
+    halves = []
+    cu = full.cu_seqlens.long()
+    for lo, hi in ((0, B), (B, 2 * B)):
+        t0, t1 = int(cu[lo]), int(cu[hi])
+        halves.append(JetBatch(x=full.x[t0:t1], cu_seqlens=(cu[lo:hi + 1] - t0).int(),
+                               max_seqlen=int(lengths[lo:hi].max()), labels=full.labels[lo:hi], jet=full.jet[lo:hi],
+                               tokens=full.tokens[t0:t1]))
+    return full, halves[0], halves[1]
+
+
+def _flat_grad(model) -> list[float]:
+    return torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
+                      for p in model.parameters()]).tolist()
+
+
+def _worker(rank: int, world: int, port: int, out_file: str) -> None:
+    """Every objective's gradient under this process count, normalised as the trainer does
+    (and, for the bias report, as a mean per micro-batch)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from jetfm.train import loss_norms, step_seed
+
+    full, *halves = global_batch()
+    report = {}
+    try:
+        for objective in OBJECTIVES:
+            for scheme in ("global", "per_micro_batch"):
+                runs = {"2x_b": (world, 1)} if world == 2 else {"1x_2b": (1, 1), "1x_b_accum2": (1, 2)}
+                for name, (_, accum) in runs.items():
+                    AcceleratorState._reset_state(True)
+                    GradientState._reset_state()
+                    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accum)
+                    assert accelerator.num_processes == world
+                    model = accelerator.prepare(_model(objective))
+                    unwrapped = accelerator.unwrap_model(model)
+                    micro = [full] if name == "1x_2b" else halves if accum == 2 else [halves[rank]]
+                    norms = loss_norms(unwrapped, micro, accelerator, step_seed(0, 1), B)
+                    for batch, norm in zip(micro, norms):
+                        with accelerator.accumulate(model):
+                            if scheme == "per_micro_batch":  # main's: each micro-batch's own mean, same masks
+                                norm = type(norm)(unwrapped.loss_counts(batch), norm.mask_seed, norm.jet_offset)
+                            loss = model(batch, norm=norm)["loss"]
+                            accelerator.backward(loss)
+                    assert accelerator.sync_gradients
+                    report[f"{objective}/{scheme}/{name}"] = _flat_grad(unwrapped)
+        if rank == 0:
+            Path(out_file).write_text(json.dumps(report))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _spawn(world: int, tmp_path: Path) -> dict:
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / f"world{world}.json"
+    mp.spawn(_worker, args=(world, port, str(out)), nprocs=world, join=True)
+    return json.loads(out.read_text())
+
+
+def _rel(a: list[float], b: list[float]) -> float:
+    a_, b_ = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    return float((a_ - b_).norm() / b_.norm())
+
+
+@pytest.fixture(scope="module")
+def grads(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("invariance")
+    return {**_spawn(1, tmp), **_spawn(2, tmp)}
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_any_split_of_the_global_batch_gives_the_same_gradient(grads, objective):
+    ref = grads[f"{objective}/global/1x_2b"]
+    assert math.isfinite(sum(ref)) and any(ref)
+    for split in ("1x_b_accum2", "2x_b"):
+        assert _rel(grads[f"{objective}/global/{split}"], ref) < 2e-6, (objective, split)
+    # the old per-micro-batch mean is biased on this split: the test can tell
+    old = _rel(grads[f"{objective}/per_micro_batch/2x_b"], grads[f"{objective}/per_micro_batch/1x_2b"])
+    assert old > 1e-2, (objective, old)
