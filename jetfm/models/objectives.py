@@ -143,8 +143,16 @@ class Ratio(NamedTuple):
     count: torch.Tensor
 
     @property
-    def value(self) -> torch.Tensor:
-        return self.total / self.count.clamp(min=1)
+    def value(self) -> torch.Tensor | float:
+        """The mean (0 when there is nothing to count)."""
+        count = self.count.clamp(min=1) if torch.is_tensor(self.count) else max(self.count, 1)
+        return self.total / count
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+    def item(self) -> float:  # reads like the scalar tensor a metric used to be
+        return float(self.value)
 
 
 @dataclass(frozen=True)

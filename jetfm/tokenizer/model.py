@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..artifacts.atomic import atomic_directory
+from ..models.objectives import LossNorm, Ratio
 from ..data.features import (
     DERIVED_FEATURES,
     FeatureTransform,
@@ -353,7 +354,13 @@ class ParticleTokenizer(nn.Module):
             h_TH = block(h_TH, layout, causal=True)
         return layout.unsort(self.head(self.decoder_norm(h_TH)))
 
-    def forward(self, batch) -> dict:
+    def loss_counts(self, batch) -> dict[str, torch.Tensor]:
+        """Reconstructed particles of `batch` (trainer hook): the losses are means over particles."""
+        return {"particles": torch.full((), float(batch.num_particles), device=batch.x.device)}
+
+    def forward(self, batch, norm: LossNorm | None = None) -> dict:
+        """Loss (recon + vq_weight x vq, each per particle: over the trainer's global particle count
+        given `norm`, else over this batch's) and metrics (`Ratio`s for the two losses)."""
         x_TF = batch.x
         self._check_x(x_TF)
         layout = Layout.from_cu_seqlens(batch.cu_seqlens, batch.max_seqlen)
@@ -365,10 +372,12 @@ class ParticleTokenizer(nn.Module):
         # packed rows are exactly the real particles: this is the masked MSE
         recon_loss = F.mse_loss(recon_TF.float(), x_TF.float())
         perplexity, utilisation = code_statistics(codes_T, self.codebook_size)
+        loss = recon_loss + self.cfg.vq_weight * vq_loss  # means over this batch's particles
+        T = torch.full_like(recon_loss, x_TF.shape[0]).detach()
         return {
-            "loss": recon_loss + self.cfg.vq_weight * vq_loss,
-            "recon_loss": recon_loss.detach(),
-            "vq_loss": vq_loss.detach(),
+            "loss": loss if norm is None else loss * norm.scale("particles", T),
+            "recon_loss": Ratio(recon_loss.detach() * T, T),
+            "vq_loss": Ratio(vq_loss.detach() * T, T),
             "perplexity": perplexity,
             "utilisation": utilisation,
         }
