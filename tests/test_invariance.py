@@ -85,7 +85,8 @@ def _worker(rank: int, world: int, port: int, out_file: str) -> None:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    from jetfm.train import loss_norms, step_seed
+    from jetfm.train import add_metrics, loss_norms, step_seed
+    from jetfm.train_metrics import Window
 
     full, *halves = global_batch()
     report = {}
@@ -103,14 +104,23 @@ def _worker(rank: int, world: int, port: int, out_file: str) -> None:
                 unwrapped = accelerator.unwrap_model(model)
                 micro = [full] if name == "1x_2b" else halves if accum == 2 else [halves[rank]]
                 norms = loss_norms(unwrapped, micro, accelerator, step_seed(0, 1), B)
+                window, metric_sums, loss_sum = Window(accelerator.device, first_step=1), {}, 0.0
                 for batch, norm in zip(micro, norms):
                     with accelerator.accumulate(model):
                         if scheme == "per_micro_batch":  # main's: each micro-batch's own mean, same masks
                             norm = type(norm)(unwrapped.loss_counts(batch), norm.mask_seed, norm.jet_offset)
-                        loss = model(batch, norm=norm)["loss"]
-                        accelerator.backward(loss)
+                        out = model(batch, norm=norm)
+                        accelerator.backward(out["loss"])
+                    loss_sum = loss_sum + out["loss"].detach()
+                    add_metrics(metric_sums, out)
                 assert accelerator.sync_gradients
                 report[f"{objective}/{scheme}/{name}"] = _flat_grad(unwrapped)
+                # the logged record, as the trainer builds it: metrics over every process's predictions
+                window.add(loss_sum / accum, None, metric_sums, accum, sum(b.num_jets for b in micro),
+                           sum(b.num_particles for b in micro), 0.0)
+                record = window.summary(window.totals(accelerator), world=world, memory_gb=0.0, epoch=0.0)
+                report[f"{objective}/{scheme}/{name}/logged"] = {k: v for k, v in record.items()
+                                                                 if k.startswith("train/")}
         if rank == 0:
             Path(out_file).write_text(json.dumps(report))
     finally:
@@ -129,7 +139,7 @@ def _spawn(world: int, tmp_path: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def _rel(a: list[float], b: list[float]) -> float:
+def _rel(a, b) -> float:
     a_, b_ = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
     return float((a_ - b_).norm() / b_.norm())
 
@@ -150,3 +160,17 @@ def test_any_split_of_the_global_batch_gives_the_same_gradient(grads, objective)
     for split in ("1x_b_accum2", "2x_b"):
         old = _rel(grads[f"{objective}/per_micro_batch/{split}"], ref)
         assert old > 1e-2, (objective, split, old)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_logged_metrics_cover_every_process_per_prediction(grads, objective):
+    """train/loss, train/<objective>_loss and _acc of 2 processes x b are those of the whole global
+    batch (sum over both processes / their count), not rank 0's micro-batch."""
+    ref, logged = grads[f"{objective}/global/1x_2b/logged"], grads[f"{objective}/global/2x_b/logged"]
+    assert logged.keys() == ref.keys() and "train/loss" in ref
+    assert any(key.endswith("_acc") for key in ref)
+    for key, value in ref.items():
+        assert logged[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    accumulated = grads[f"{objective}/global/1x_b_accum2/logged"]
+    for key, value in ref.items():
+        assert accumulated[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
