@@ -174,3 +174,68 @@ def test_logged_metrics_cover_every_process_per_prediction(grads, objective):
     accumulated = grads[f"{objective}/global/1x_b_accum2/logged"]
     for key, value in ref.items():
         assert accumulated[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+def test_validation_loss_is_per_prediction_over_every_batch(tmp_path):
+    """`validate` of the real joint model on real token shards: each objective's loss over all its
+    predictions of all validation batches (not a mean of batch means weighted by jets), with the
+    masks a training step would draw (per jet, from the validation seed)."""
+    import dataclasses
+
+    import numpy as np
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from jetfm import stages
+    from jetfm.config import load_config
+    from jetfm.data.reader import make_loader
+    from jetfm.data.shards import Manifest, ShardWriter, creation_info
+    from jetfm.models.objectives import LossNorm
+    from jetfm.train import step_seed, validate
+    from test_trainer import BATCH as CHUNK, JET_FEATURES, KINEMATIC_FEATURES, tiny_config, tiny_jets
+
+    rng = np.random.default_rng(5)
+    manifest = Manifest(source={"kind": "test"}, particle_features=list(KINEMATIC_FEATURES),
+                        jet_features=list(JET_FEATURES), classes=["QCD", "Tbqq"], chunk_size=CHUNK,
+                        created_by=creation_info(), tokens={"codebook_size": CODEBOOK})
+    for split, n_chunks in (("train", 1), ("val", 3)):
+        writer = ShardWriter(tmp_path, f"{split}/shard-000000.tar", manifest.particle_features, manifest.jet_features,
+                             2, chunk_size=CHUNK)
+        jets = tiny_jets(rng, n_chunks * CHUNK)
+        writer.write(dataclasses.replace(jets, tokens=rng.integers(1, CODEBOOK + 1, len(jets.part))))
+        manifest.add_shard(split, writer.close())
+    manifest.save(tmp_path)
+    cfg = load_config(tiny_config(tmp_path, tmp_path, name="val", builder=None,
+                                  model={"dim": 16, "num_heads": 2, "num_blocks": 1, "head_blocks": 1},
+                                  objective={"name": "joint", "ntp_weight": 0.7, "mpm_weight": 1.3},
+                                  train={"eval_every": 1, "eval_batches": 3}))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = stages.build_model(cfg, Manifest.load(tmp_path))
+    loader = make_loader(cfg.data, cfg.data.val_split, rank=0, world_size=1, seed=cfg.seed, shuffle=False,
+                         drop_uneven=True, require_tokens=True)
+    start = loader.state_dict()
+    result = validate(model, model, loader, start, None, cfg, accelerator, None)
+
+    loader.load_state_dict(start)
+    sums = {"ntp": [0.0, 0.0], "mpm": [0.0, 0.0]}
+    per_jet = jets = 0.0
+    model.eval()
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            out = model(batch, norm=LossNorm(model.loss_counts(batch), step_seed(cfg.seed, 0), i * cfg.data.batch_size))
+            for name in sums:
+                sums[name][0] += float(out[f"{name}_loss"].total)
+                sums[name][1] += float(out[f"{name}_loss"].count)
+            per_jet += float(out["loss"]) * batch.num_jets
+            jets += batch.num_jets
+    assert i == 2  # 3 batches of uneven particle counts
+    expected = 0.7 * sums["ntp"][0] / sums["ntp"][1] + 1.3 * sums["mpm"][0] / sums["mpm"][1]
+    assert result["loss"] == pytest.approx(expected, rel=1e-6)
+    assert result["ntp_loss"] == pytest.approx(sums["ntp"][0] / sums["ntp"][1], rel=1e-6)
+    assert result["mpm_loss"] == pytest.approx(sums["mpm"][0] / sums["mpm"][1], rel=1e-6)
+    assert 0 <= result["ntp_acc"] <= 1 and 0 <= result["mpm_acc"] <= 1
+    # the old weighting differs (by 1.6e-4 relative here: an untrained model is near log V everywhere)
+    assert abs(per_jet / jets - expected) > 1e-5 * expected
