@@ -388,6 +388,10 @@ def train_step(run: Run, batches: Iterator, window: Window) -> Diverged | None:
     """One optimizer step: forward and backward over grad_accum_steps micro-batches (gradients sync
     on the last), clip, optimizer and schedule step, the stage's on_step_end hook.
 
+    A stage with `loss_counts` gets each micro-batch's LossNorm (`loss_norms`: the step's global
+    prediction counts, one all-reduce before the first forward), so the gradient is the global
+    batch's per-prediction mean however it is cut into micro-batches and processes.
+
     Loss, gradient norm and metrics are added to `window` on the device; nothing here waits for
     the device, except under nan_policy=skip, which must know before stepping: then a non-finite
     step returns its Diverged (the update dropped) instead of None.
@@ -436,8 +440,7 @@ def train_step(run: Run, batches: Iterator, window: Window) -> Diverged | None:
     return None
 
 
-def loss_norms(unwrapped, micro: list, accelerator, mask_seed: int, batch_size: int,
-               accum: int | None = None) -> list[LossNorm | None]:
+def loss_norms(unwrapped, micro: list, accelerator, mask_seed: int, batch_size: int) -> list[LossNorm | None]:
     """One LossNorm per micro-batch of a step, from the stage's `loss_counts(batch)` hook (None
     each if it has none: its forward then normalises per micro-batch).
 
@@ -449,7 +452,7 @@ def loss_norms(unwrapped, micro: list, accelerator, mask_seed: int, batch_size: 
     counts_of = getattr(unwrapped, "loss_counts", None)
     if counts_of is None:
         return [None] * len(micro)
-    accum = accum or len(micro)
+    accum = len(micro)  # the same on every process
     counts = [counts_of(batch) for batch in micro]
     names = sorted(counts[0])
     total = torch.stack([sum(c[name] for c in counts).float().reshape(()) for name in names])
@@ -473,11 +476,9 @@ def add_metrics(sums: dict, out: dict) -> None:
     for key, value in out.items():
         if key == "loss":
             continue
-        if isinstance(value, Ratio):
-            total, count = value.total.detach().double(), value.count.detach().double()
-        else:
-            total = value.detach().double() if torch.is_tensor(value) else torch.tensor(float(value), dtype=torch.float64)
-            count = torch.ones((), dtype=torch.float64, device=total.device)
+        total, count = value if isinstance(value, Ratio) else (value, 1.0)
+        total = torch.as_tensor(total).detach().double()
+        count = torch.as_tensor(count).detach().double().to(total.device)
         prev = sums.get(key)
         sums[key] = (total, count) if prev is None else (prev[0] + total, prev[1] + count)
 
