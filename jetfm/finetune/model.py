@@ -1,7 +1,7 @@
 """Fine-tuning model: the backbone, bidirectional and unmasked, + a class-attention head.
 
     model = build_finetune_model(cfg, manifest)   # the stage's builder (jetfm/stages.py)
-    out = model(batch)                            # {"loss": cross-entropy, "acc": accuracy}
+    out = model(batch)                            # {"loss": cross-entropy per jet, "acc": Ratio (correct, jets)}
     probs_BC = model.logits(batch).softmax(-1)
     model, cfg, meta = load_classifier("runs/finetune_toptag/best")   # an exported classifier
 
