@@ -239,3 +239,33 @@ def test_validation_loss_is_per_prediction_over_every_batch(tmp_path):
     assert 0 <= result["ntp_acc"] <= 1 and 0 <= result["mpm_acc"] <= 1
     # the old weighting differs (by 1.6e-4 relative here: an untrained model is near log V everywhere)
     assert abs(per_jet / jets - expected) > 1e-5 * expected
+
+
+def test_a_jets_mask_depends_on_its_seed_and_global_index_only():
+    """Seeded MPM masks: m(n) particles per jet, the same for a jet whatever batch it is cut into,
+    different for another step's seed."""
+    from jetfm.models.attention import Packing
+    from jetfm.models.objectives import mask_particles, masked_count
+
+    full, first, second = global_batch()
+    pack = lambda b: Packing(b.cu_seqlens, b.max_seqlen, b.num_particles)  # noqa: E731
+    whole = mask_particles(pack(full), 0.4, seed=11)
+    parts = torch.cat([mask_particles(pack(first), 0.4, seed=11, jet_offset=0),
+                       mask_particles(pack(second), 0.4, seed=11, jet_offset=B)])
+    assert torch.equal(whole, parts)
+    cu = full.cu_seqlens.long()
+    per_jet = torch.stack([whole[cu[j]:cu[j + 1]].sum() for j in range(2 * B)])
+    assert torch.equal(per_jet, masked_count(full.seqlens, 0.4))
+    assert not torch.equal(whole, mask_particles(pack(full), 0.4, seed=12))
+    assert not torch.equal(parts, torch.cat([mask_particles(pack(first), 0.4, seed=11),
+                                             mask_particles(pack(second), 0.4, seed=11)]))  # offsets matter
+
+
+def test_seeded_masks_are_uniform_over_positions():
+    """Every position of a 10-particle jet is masked 40% of the time (4 of 10) over 4,000 jets."""
+    from jetfm.models.attention import Packing
+    from jetfm.models.objectives import mask_particles
+
+    cu = torch.arange(0, 40_001, 10, dtype=torch.int32)
+    masked = mask_particles(Packing(cu, 10, 40_000), 0.4, seed=7).view(4000, 10).float().mean(0)
+    assert (masked - 0.4).abs().max() < 0.03, masked  # 3.9 standard deviations
