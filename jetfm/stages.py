@@ -5,8 +5,14 @@
     export = stage_exporter(cfg)         # export(model, directory): out_dir/final for the next stage
 
 The contract (docs/CONTRACTS.md "Stages"): `forward(batch)` returns a dict with `"loss"` (a
-scalar tensor, what is back-propagated) and any number of scalar metrics (tensors or floats),
-logged as `train/<name>`. Optional hooks the trainer looks for on the *unwrapped* module:
+scalar tensor, what is back-propagated) and any number of scalar metrics (tensors, floats, or
+`Ratio(sum, count)`s, which are added over micro-batches and processes before dividing), logged
+as `train/<name>`. Optional hooks the trainer looks for on the *unwrapped* module:
+
+- `loss_counts(batch) -> {name: 0-dim tensor}`: predictions per loss term, known before the
+  forward. The trainer then adds the counts of every micro-batch and process once per step and
+  calls `forward(batch, norm=LossNorm(...))`; the loss divides each term's sum by
+  `norm.denominators[name]`, so any split of the global batch gives the same gradient.
 
 - `on_step_end(step) -> dict | None`, called on every rank after each optimizer step (step =
   optimizer steps done, from 1). A returned dict is logged; returning anything but None also

@@ -75,6 +75,7 @@ from jetfm.data.reader import make_loader
 from jetfm.data.shards import Manifest
 from jetfm.distributed import describe, full_state_dict, make_accelerator, shard_model, sync_replicas, unwrap
 from jetfm.estimate import long_run_warning
+from jetfm.models.objectives import LossNorm, Ratio
 from jetfm.models.optim import build_optimizer
 from jetfm.rundir import RunDirError, claim_run_dir, release_run_dir
 from jetfm.tracking import start_tracking
@@ -401,6 +402,10 @@ def train_step(run: Run, batches: Iterator, window: Window) -> Diverged | None:
     """One optimizer step: forward and backward over grad_accum_steps micro-batches (gradients sync
     on the last), clip, optimizer and schedule step, the stage's on_step_end hook.
 
+    A stage with `loss_counts` gets each micro-batch's LossNorm (`loss_norms`: the step's global
+    prediction counts, one all-reduce before the first forward), so the gradient is the global
+    batch's per-prediction mean however it is cut into micro-batches and processes.
+
     Loss, gradient norm and metrics are added to `window` on the device; nothing here waits for
     the device, except under nan_policy=skip, which must know before stepping: then a non-finite
     step returns its Diverged (the update dropped) instead of None.
@@ -408,22 +413,20 @@ def train_step(run: Run, batches: Iterator, window: Window) -> Diverged | None:
     cfg, accelerator, model = run.cfg, run.accelerator, run.model
     accum = cfg.train.grad_accum_steps
     loss_sum = torch.zeros((), device=accelerator.device)
-    metric_sums: dict[str, torch.Tensor | float] = {}
+    metric_sums: dict[str, Any] = {}
     jets = particles = 0
-    for _ in range(accum):
-        batch = next(batches).to(accelerator.device, non_blocking=True)
+    micro = [next(batches).to(accelerator.device, non_blocking=True) for _ in range(accum)]
+    norms = loss_norms(run.unwrapped, micro, accelerator, step_seed(cfg.seed, run.step + 1), cfg.data.batch_size)
+    for batch, norm in zip(micro, norms):
         with accelerator.accumulate(model):
-            out = model(batch)
+            out = model(batch) if norm is None else model(batch, norm=norm)
             if not isinstance(out, dict) or "loss" not in out:
                 raise stages.StageError(f"{type(run.unwrapped).__name__}.forward must return a dict with 'loss' "
                                         f"(docs/CONTRACTS.md), got {type(out).__name__}")
             loss = out["loss"]
             accelerator.backward(loss)
         loss_sum += loss.detach().float()
-        for key, value in out.items():
-            if key != "loss":
-                value = value.detach().float() if torch.is_tensor(value) else float(value)
-                metric_sums[key] = metric_sums.get(key, 0.0) + value
+        add_metrics(metric_sums, out)
         jets += batch.num_jets
         particles += batch.num_particles
     if not accelerator.sync_gradients:
@@ -449,6 +452,49 @@ def train_step(run: Run, batches: Iterator, window: Window) -> Diverged | None:
     if isinstance(hook_metrics, dict):
         window.extra.update(hook_metrics)
     return None
+
+
+def loss_norms(unwrapped, micro: list, accelerator, mask_seed: int, batch_size: int) -> list[LossNorm | None]:
+    """One LossNorm per micro-batch of a step, from the stage's `loss_counts(batch)` hook (None
+    each if it has none: its forward then normalises per micro-batch).
+
+    The counts of every micro-batch of every process are added in one all-reduce before any
+    forward; each denominator is that global count / (processes x micro-batches), see LossNorm.
+    A jet's place in the global batch (for its MPM mask) is taken as rank-major: process r's
+    micro-batch i starts at (r x micro-batches + i) x batch_size.
+    """
+    counts_of = getattr(unwrapped, "loss_counts", None)
+    if counts_of is None:
+        return [None] * len(micro)
+    accum = len(micro)  # the same on every process
+    counts = [counts_of(batch) for batch in micro]
+    names = sorted(counts[0])
+    total = torch.stack([sum(c[name] for c in counts).float().reshape(()) for name in names])
+    world = accelerator.num_processes
+    if world > 1:
+        total = accelerator.reduce(total, reduction="sum")
+    # an objective with no prediction anywhere has a zero sum: any positive denominator keeps it 0
+    denominators = dict(zip(names, (total.clamp(min=1) / (world * accum)).unbind()))
+    rank = accelerator.process_index
+    return [LossNorm(denominators, mask_seed, (rank * accum + i) * batch_size) for i in range(len(micro))]
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The MPM mask seed of optimizer step `step` (validation uses step 0): the same on every process."""
+    return (seed * 1_000_003 + step) & 0xFFFFFFFF
+
+
+def add_metrics(sums: dict, out: dict) -> None:
+    """Add a micro-batch's metrics to `sums`: Ratios add sum and count; a plain number adds itself
+    and 1 (a mean over micro-batches)."""
+    for key, value in out.items():
+        if key == "loss":
+            continue
+        total, count = value if isinstance(value, Ratio) else (value, 1.0)
+        total = torch.as_tensor(total).detach().double()
+        count = torch.as_tensor(count).detach().double().to(total.device)
+        prev = sums.get(key)
+        sums[key] = (total, count) if prev is None else (prev[0] + total, prev[1] + count)
 
 
 def check_finite(window: Window, totals: dict) -> None:
@@ -545,7 +591,8 @@ def summarize(run: Run, status: str, message: str, final_dir: Path | None = None
 # --------------------------------------------------------------------------- pieces of the loop
 
 def validate(model, unwrapped, loader, start_state, evaluate, cfg: Config, accelerator, out_dir: Path | None) -> dict:
-    """Validation metrics averaged over processes; never disturbs the training RNG streams."""
+    """Validation metrics over every process (losses per prediction where the stage counts them);
+    never disturbs the training RNG streams."""
     loader.load_state_dict(start_state)
     device = accelerator.device
     batches = (b.to(device) for b in itertools.islice(loader, cfg.train.eval_batches))
@@ -555,17 +602,41 @@ def validate(model, unwrapped, loader, start_state, evaluate, cfg: Config, accel
         with torch.random.fork_rng(devices=rng_devices), torch.no_grad():
             if evaluate is not None:
                 result = evaluate(unwrapped, batches, cfg, out_dir)
-                # the stage's own order (the same on every rank), numbers only
-                names = [k for k, v in result.items() if isinstance(v, (int, float)) or torch.is_tensor(v)]
-                values = torch.tensor([float(result[k]) for k in names], device=device, dtype=torch.float64)
-                values = accelerator.reduce(values, reduction="mean") if accelerator.num_processes > 1 else values
-                return dict(zip(names, values.tolist()))
-            total = torch.zeros(2, device=device, dtype=torch.float64)
-            for batch in batches:
-                out = model(batch)
-                total += torch.stack([out["loss"].double() * batch.num_jets, torch.tensor(float(batch.num_jets), device=device, dtype=torch.float64)])
-            total = accelerator.reduce(total, reduction="sum")
-            return {"loss": (total[0] / total[1].clamp(min=1)).item()}
+                # the stage's own order (the same on every rank), numbers only: a Ratio is added over
+                # processes before dividing, a plain number is averaged over processes
+                names = [k for k, v in result.items()
+                         if isinstance(v, (int, float, Ratio)) or torch.is_tensor(v)]
+                pairs = [(v.total, v.count) if isinstance(v, Ratio) else (float(v), 1.0)
+                         for v in (result[k] for k in names)]
+                values = torch.tensor([[float(t), float(c)] for t, c in pairs], device=device, dtype=torch.float64)
+                if accelerator.num_processes > 1:
+                    values = accelerator.reduce(values, reduction="sum")
+                return {k: (t / c if c else math.nan) for k, (t, c) in zip(names, values.tolist())}
+            # the mean loss, per prediction over every batch of every process (the same masks and
+            # normalisation as training: the stage's loss_counts hook, one denominator for the lot)
+            batches = list(batches)
+            norms = loss_norms(unwrapped, batches, accelerator, step_seed(cfg.seed, 0), cfg.data.batch_size)
+            counted = bool(norms) and norms[0] is not None
+            # with norms every batch's loss is its share of the mean: over all batches and processes they
+            # add up to (processes x batches) x the per-prediction mean; without, losses are weighted per jet
+            loss_total = torch.zeros((), device=device, dtype=torch.float64)
+            weight = float(len(batches)) if counted else float(sum(b.num_jets for b in batches))
+            metric_sums: dict[str, Any] = {}
+            for batch, norm in zip(batches, norms):
+                out = model(batch) if norm is None else model(batch, norm=norm)
+                loss_total += out["loss"].double() * (1.0 if counted else batch.num_jets)
+                add_metrics(metric_sums, out)
+            names = sorted(metric_sums)
+            stats = torch.stack([loss_total, torch.tensor(weight, device=device, dtype=torch.float64)]
+                                + [v.to(device) for k in names for v in metric_sums[k]])
+            if accelerator.num_processes > 1:
+                stats = accelerator.reduce(stats, reduction="sum")
+            loss = stats[0] / stats[1].clamp(min=1)
+            result = {"loss": loss.item()}
+            for i, k in enumerate(names):
+                total, count = stats[2 + 2 * i].item(), stats[3 + 2 * i].item()
+                result[k] = total / count if count else math.nan
+            return result
     finally:
         model.train()
 

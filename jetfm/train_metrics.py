@@ -42,11 +42,12 @@ class Window:
         self.grad_norm = torch.zeros_like(self.loss)
         self.finite_steps = torch.zeros_like(self.loss)  # steps before the first non-finite one
         self.first_bad = torch.zeros(3, dtype=torch.float64, device=device)  # [seen, its loss, its grad norm]
-        self.metrics: dict[str, torch.Tensor | float] = {}
+        self.metrics: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (sum, count), float64
         self.extra: dict[str, Any] = {}
 
     def add(self, loss, grad_norm, metric_sums, micro, jets, particles, lr) -> None:
-        """One optimizer step: `loss` (this process's mean) and `grad_norm` are 0-dim device tensors."""
+        """One optimizer step: `loss` (this process's mean) and `grad_norm` are 0-dim device tensors;
+        `metric_sums` maps a name to (sum, count) 0-dim tensors over the step's micro-batches."""
         self.steps += 1
         self.micro += micro
         self.jets += jets
@@ -59,18 +60,23 @@ class Window:
             self.grad_norm += grad_norm
             self.grad_norm_steps += 1
             finite &= torch.isfinite(grad_norm)
-        for key, value in metric_sums.items():
-            self.metrics[key] = self.metrics.get(key, 0.0) + value
+        for key, (total, count) in metric_sums.items():
+            prev = self.metrics.get(key)
+            total, count = total.to(self.loss.device), count.to(self.loss.device)
+            self.metrics[key] = (total, count) if prev is None else (prev[0] + total, prev[1] + count)
         clean = self.first_bad[0] == 0  # no non-finite step before this one
         self.finite_steps += clean & finite
         record = torch.stack([torch.ones_like(loss), loss, grad_norm if grad_norm is not None else loss * math.nan])
         self.first_bad = torch.where(clean & ~finite, record, self.first_bad)
 
     def _row(self) -> torch.Tensor:
-        """(8,) this process's [loss, grad_norm, finite_steps, seen, bad loss, bad grad norm, jets, particles]."""
+        """(8 + 2K,) this process's [loss, grad_norm, finite_steps, seen, bad loss, bad grad norm, jets,
+        particles], then (sum, count) of each metric in name order (the same names on every process)."""
         counts = torch.tensor([self.jets, self.particles], dtype=torch.float64)
+        metrics = [v for key in sorted(self.metrics) for v in self.metrics[key]]
         return torch.cat([torch.stack([self.loss, self.grad_norm, self.finite_steps]), self.first_bad,
-                          counts.to(self.loss.device, non_blocking=True)])
+                          counts.to(self.loss.device, non_blocking=True),
+                          torch.stack(metrics) if metrics else self.loss.new_zeros(0)])
 
     def totals(self, accelerator) -> dict:
         """Every process's row, read on the host: the interval's one device sync (collective)."""
@@ -94,12 +100,14 @@ class Window:
         return Diverged(self.first_step + int(first[2]), loss, grad_norm, reason)
 
     def summary(self, totals: dict, *, world: int, memory_gb: float, epoch: float) -> dict[str, float]:
-        """The logged record: mean loss over steps and processes, this process's metrics, throughput."""
+        """The logged record: mean loss over steps and processes, metrics over every process (sum /
+        count: per prediction for the stage's Ratios, per micro-batch for plain numbers), throughput."""
         steps = max(self.steps, 1)
         rows = totals["rows"]
         out = {"train/loss": sum(r[0] for r in rows) / world / steps}
-        for key, value in self.metrics.items():  # this rank's micro-batch mean
-            out[f"train/{key}"] = float(value) / max(self.micro, 1)
+        for i, key in enumerate(sorted(self.metrics)):
+            total, count = (sum(r[8 + 2 * i + j] for r in rows) for j in (0, 1))
+            out[f"train/{key}"] = total / count if count else math.nan
         for key, value in self.extra.items():
             out[f"train/{key}"] = float(value)
         out["lr"] = self.lr

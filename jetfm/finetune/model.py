@@ -1,7 +1,7 @@
 """Fine-tuning model: the backbone, bidirectional and unmasked, + a class-attention head.
 
     model = build_finetune_model(cfg, manifest)   # the stage's builder (jetfm/stages.py)
-    out = model(batch)                            # {"loss": cross-entropy, "acc": accuracy}
+    out = model(batch)                            # {"loss": cross-entropy per jet, "acc": Ratio (correct, jets)}
     probs_BC = model.logits(batch).softmax(-1)
     model, cfg, meta = load_classifier("runs/finetune_toptag/best")   # an exported classifier
 
@@ -54,6 +54,7 @@ from jetfm.data.format import DataError
 from jetfm.models.attention import AttentionBackend, Packing, padded_sdpa
 from jetfm.models.backbone import Backbone, init_weights
 from jetfm.models.config import ModelConfig
+from jetfm.models.objectives import LossNorm, Ratio, normalise
 
 #: model: keys that define the backbone's weights (dropout and attention kernel may differ freely)
 BACKBONE_KEYS = ("dim", "num_heads", "num_blocks", "mlp_ratio", "input_mode", "num_features", "conditioning",
@@ -198,12 +199,19 @@ class FinetuneModel(nn.Module):
                 raise DataError(f"labels outside the classifier's classes {self.classes} "
                                 f"(indices 0..{self.num_classes - 1}): got labels in [{lo}, {hi}]")
 
-    def forward(self, batch: JetBatch) -> dict[str, torch.Tensor]:
+    def loss_counts(self, batch: JetBatch) -> dict[str, torch.Tensor]:
+        """Classified jets of `batch` (trainer hook): the loss is a mean over jets."""
+        return {"jets": torch.full((), float(batch.num_jets), device=batch.labels.device)}
+
+    def forward(self, batch: JetBatch, norm: LossNorm | None = None) -> dict:
+        """Cross-entropy per jet (over the trainer's global jet count given `norm`, else over this
+        batch's) and accuracy, both as `Ratio`s."""
         self.check_labels(batch.labels)
         logits_BC = self.logits(batch)
-        loss = F.cross_entropy(logits_BC.float(), batch.labels)
-        acc = (logits_BC.argmax(-1) == batch.labels).float().mean()
-        return {"loss": loss, "acc": acc.detach()}
+        loss_sum = F.cross_entropy(logits_BC.float(), batch.labels, reduction="sum")
+        B = torch.full_like(loss_sum, batch.num_jets).detach()
+        correct = (logits_BC.argmax(-1) == batch.labels).float().sum()
+        return {"loss": normalise(norm, "jets", loss_sum, B), "acc": Ratio(correct.detach(), B)}
 
     # ------------------------------------------------------------------ trainer hooks
     def param_groups(self, base_lr: float, weight_decay: float) -> list[dict]:

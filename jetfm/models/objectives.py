@@ -19,6 +19,9 @@ Legend: T particles, B jets, D model dim, V vocabulary, M masked particles, F fe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 
@@ -34,20 +37,41 @@ def masked_count(lengths: torch.Tensor, fraction: float) -> torch.Tensor:
     return torch.minimum(m, n - 1).clamp(min=0)
 
 
-def mask_particles(packing: Packing, fraction: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def mask_particles(packing: Packing, fraction: float, generator: torch.Generator | None = None, *,
+                   seed: int | None = None, jet_offset: int = 0) -> torch.Tensor:
     """(T,) bool, True at masked particles: a uniformly random subset of m(n) particles per jet.
 
-    `generator` (on the batch's device) makes it reproducible; None draws from the global RNG,
-    which the trainer seeds and checkpoints.
+    `seed` draws each jet's subset from (seed, jet_offset + its index in the batch) alone, so a jet
+    gets the same mask whichever micro-batch or process it is in (the trainer passes a per-step
+    seed and the jet's position in the global batch). Without it, `generator` (on the batch's
+    device) makes it reproducible; None draws from the global RNG.
     """
     device = packing.cu_seqlens.device
-    u_T = torch.rand(packing.total, generator=generator, device=device, dtype=torch.float64)
+    if seed is not None:
+        u_T = _uniform_hash(seed, packing.seq_index.long() + jet_offset, packing.position.long())
+    else:
+        u_T = torch.rand(packing.total, generator=generator, device=device, dtype=torch.float64)
     # Sorting by (jet, u) keeps jets contiguous and shuffles within each jet: the sorted slot's
     # position within its jet is a uniformly random rank of the particle placed there.
-    order_T = torch.argsort(packing.seq_index.double() + u_T)
+    order_T = torch.argsort(packing.seq_index.double() + u_T, stable=True)
     rank_T = torch.empty_like(packing.position).index_copy_(0, order_T, packing.position)
     m_B = masked_count(packing.lengths, fraction)
     return rank_T < m_B[packing.seq_index]
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply) on int64 tensors holding values < 2**32; every
+    product stays below 2**63, so nothing overflows."""
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & 0xFFFFFFFF
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def _uniform_hash(seed: int, jet_T: torch.Tensor, position_T: torch.Tensor) -> torch.Tensor:
+    """(T,) float64 in [0, 1): a counter-based draw per (seed, jet, position), independent of batching."""
+    x = _mix32(torch.full_like(jet_T, seed & 0xFFFFFFFF) ^ _mix32(jet_T & 0xFFFFFFFF))
+    x = _mix32(x ^ _mix32((position_T + 0x9E3779B9) & 0xFFFFFFFF))
+    return x.double() / 2**32
 
 
 def mask_ranks(packing: Packing, masked_T: torch.Tensor) -> torch.Tensor:
@@ -60,46 +84,107 @@ def mask_ranks(packing: Packing, masked_T: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- losses
-class _CrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy + top-1 accuracy over (M, V) logits in one log_softmax.
+class _CrossEntropySum(torch.autograd.Function):
+    """Summed cross-entropy + number of top-1 hits over (M, V) logits in one log_softmax.
 
     Why not F.cross_entropy: its backward materialises a zero-filled (M, V) gradient for the NLL
     and runs a separate log_softmax backward over it (~4 passes over M x V floats plus a copy);
     here the backward is softmax - onehot computed in place on the saved log-probabilities
     (2 passes). The vocabulary projection is the largest tensor of a pre-training step.
+    A sum, not a mean: the caller divides by the global number of predictions (`LossNorm`).
     """
 
     @staticmethod
     def forward(ctx, logits_MV: torch.Tensor, targets_M: torch.Tensor):
         logp_MV = torch.log_softmax(logits_MV.float(), dim=-1)
         target_logp_M = logp_MV.gather(1, targets_M[:, None]).squeeze(1)
-        loss = -target_logp_M.mean()
-        acc = (target_logp_M >= logp_MV.amax(-1)).float().mean()  # ties count as hits
+        loss_sum = -target_logp_M.sum()
+        correct = (target_logp_M >= logp_MV.amax(-1)).float().sum()  # ties count as hits
         ctx.save_for_backward(logp_MV, targets_M)
         ctx.logits_dtype = logits_MV.dtype
         ctx.used = False
-        ctx.mark_non_differentiable(acc)
-        return loss, acc
+        ctx.mark_non_differentiable(correct)
+        return loss_sum, correct
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_acc):
+    def backward(ctx, grad_loss, grad_correct):
         if ctx.used:
-            raise RuntimeError("cross_entropy_and_accuracy supports one backward pass (it reuses its buffer)")
+            raise RuntimeError("cross_entropy_sum supports one backward pass (it reuses its buffer)")
         ctx.used = True
         logp_MV, targets_M = ctx.saved_tensors
         M = logp_MV.shape[0]
         grad_MV = logp_MV.exp_()  # softmax, in place
         grad_MV[torch.arange(M, device=grad_MV.device), targets_M] -= 1.0
-        grad_MV.mul_(grad_loss / M)
+        grad_MV.mul_(grad_loss)
         return grad_MV.to(ctx.logits_dtype), None
+
+
+def cross_entropy_sum(logits_MV: torch.Tensor, targets_M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss_sum, correct_count) over M predictions: fp32 0-dim tensors, no mean inside (the caller
+    normalises by the global count); correct_count carries no gradient. M = 0 gives zeros."""
+    if logits_MV.shape[0] == 0:
+        zero = logits_MV.float().sum() * 0.0
+        return zero, zero.detach()
+    return _CrossEntropySum.apply(logits_MV, targets_M)
 
 
 def cross_entropy_and_accuracy(logits_MV: torch.Tensor, targets_M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy (computed in fp32) and top-1 accuracy (no gradient) of M predictions."""
-    if logits_MV.shape[0] == 0:
-        zero = logits_MV.sum() * 0.0
-        return zero, zero.detach()
-    return _CrossEntropy.apply(logits_MV, targets_M)
+    loss_sum, correct = cross_entropy_sum(logits_MV, targets_M)
+    M = max(logits_MV.shape[0], 1)
+    return loss_sum / M, correct / M
+
+
+class Ratio(NamedTuple):
+    """A metric as (sum, count) of one micro-batch: the trainer adds both over micro-batches and
+    processes before dividing, so the logged value is per prediction, not per micro-batch."""
+
+    total: torch.Tensor
+    count: torch.Tensor
+
+    @property
+    def value(self) -> torch.Tensor | float:
+        """The mean (0 when there is nothing to count)."""
+        count = self.count.clamp(min=1) if torch.is_tensor(self.count) else max(self.count, 1)
+        return self.total / count
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+    def item(self) -> float:  # reads like the scalar tensor a metric used to be
+        return float(self.value)
+
+
+@dataclass(frozen=True)
+class LossNorm:
+    """What the trainer tells a micro-batch's forward so that any split of a global batch gives the
+    same gradient (stage hook `loss_counts`; docs/CONTRACTS.md "Stages").
+
+    denominators: per objective, the global batch's prediction count (all micro-batches of the
+    step, all processes) divided by (processes x micro-batches). The micro-batch's loss is
+    sum / denominator: accelerate divides it by the micro-batch count and DDP/FSDP/DeepSpeed
+    average over processes, which leaves sum over the global batch / global count.
+    mask_seed, jet_offset: MPM masks drawn per jet from (mask_seed, jet_offset + jet index in the
+    micro-batch), so a jet's mask does not depend on which micro-batch or process it lands in;
+    mask_seed None draws from the global RNG (or the forward's generator).
+    """
+
+    denominators: dict[str, torch.Tensor | float]
+    mask_seed: int | None = None
+    jet_offset: int = 0
+
+    def scale(self, name: str, local_count: torch.Tensor | float) -> torch.Tensor | float:
+        """Multiplier turning a micro-batch *mean* over `local_count` predictions into its share of
+        the global mean (for losses only available as means, e.g. F.mse_loss)."""
+        return local_count / self.denominators[name]
+
+
+def normalise(norm: LossNorm | None, name: str, loss_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """loss_sum over this micro-batch's `count` predictions -> the loss to back-propagate: divided by
+    the trainer's global denominator, or (no norm: standalone use) by the local count (a mean)."""
+    if norm is None:
+        return loss_sum / count.clamp(min=1)
+    return loss_sum / norm.denominators[name]
 
 
 class Head(nn.Module):
@@ -147,9 +232,15 @@ class NTPObjective(nn.Module):
         targets = tokens_T.new_full((total,), self.stop_id)
         return targets.index_copy(0, particle_rows - 1, tokens_T)
 
+    @staticmethod
+    def count(packing: Packing) -> int:
+        """Predictions of a batch: every particle and each jet's stop (T + B)."""
+        return packing.total + packing.num_seqs
+
     def forward(self, backbone, packing, *, tokens_T, x_TF=None, cond_BD=None):
+        """(loss_sum, correct_count) over the T + B next-token predictions."""
         logits, particle_rows = self.logits(backbone, packing, x_TF=x_TF, tokens_T=tokens_T, cond_BD=cond_BD)
-        return cross_entropy_and_accuracy(logits, self.targets(tokens_T, particle_rows, logits.shape[0]))
+        return cross_entropy_sum(logits, self.targets(tokens_T, particle_rows, logits.shape[0]))
 
 
 # --------------------------------------------------------------------------- MPM
@@ -185,5 +276,6 @@ class MPMObjective(nn.Module):
         return self.head.out(z_MD), mask_idx
 
     def forward(self, backbone, packing, masked_T, *, tokens_T, x_TF=None, cond_BD=None):
+        """(loss_sum, correct_count) over the masked particles."""
         logits, mask_idx = self.logits(backbone, packing, masked_T, x_TF=x_TF, tokens_T=tokens_T, cond_BD=cond_BD)
-        return cross_entropy_and_accuracy(logits, tokens_T.index_select(0, mask_idx))
+        return cross_entropy_sum(logits, tokens_T.index_select(0, mask_idx))

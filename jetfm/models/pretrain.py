@@ -2,8 +2,10 @@
 
     model = build_pretrain_model(cfg, manifest)   # cfg.model, cfg.objective, cfg.data
     out = model(batch)                            # {"loss", "ntp_loss", "ntp_acc", "mpm_loss", "mpm_acc"}
+    out = model(batch, norm=LossNorm(...))        # the trainer: losses over the global prediction count
 
-Only the active objective's metrics are returned (ntp: ntp_*; mpm: mpm_*; joint: both).
+Only the active objective's metrics are returned (ntp: ntp_*; mpm: mpm_*; joint: both), each a
+`Ratio` (sum, count; `.value` is the mean).
 Generation (KV cache): `cache = model.new_cache(B)`, then `model.ntp_logits_step(cache)` for the
 start position and `model.ntp_logits_step(cache, x_BF=... | tokens_B=...)` for every next particle.
 Fine-tuning reuses `model.backbone`.
@@ -21,7 +23,8 @@ from jetfm.data.batch import JetBatch
 from .attention import AttentionBackend, KVCache, Packing
 from .backbone import Backbone, init_weights
 from .config import ModelConfig, ObjectiveConfig
-from .objectives import Head, MPMObjective, NTPObjective, mask_particles, masked_count
+from .objectives import (Head, LossNorm, MPMObjective, NTPObjective, Ratio, mask_particles, masked_count,
+                         normalise)
 
 
 class PretrainModel(nn.Module):
@@ -95,25 +98,48 @@ class PretrainModel(nn.Module):
         return Packing(batch.cu_seqlens, batch.max_seqlen, batch.num_particles)
 
     # ------------------------------------------------------------------ training
-    def forward(self, batch: JetBatch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Loss and metrics of the configured objective. `generator` seeds the MPM masks (None: global RNG)."""
+    def loss_counts(self, batch: JetBatch) -> dict[str, torch.Tensor]:
+        """Predictions per objective in `batch`, known before the forward (trainer hook): NTP every
+        particle and each jet's stop, MPM the masked particles (a function of the multiplicities)."""
+        counts: dict[str, torch.Tensor] = {}
+        if self.ntp is not None:
+            counts["ntp"] = torch.full((), float(batch.num_particles + batch.num_jets), device=batch.cu_seqlens.device)
+        if self.mpm is not None:
+            counts["mpm"] = masked_count(batch.seqlens, self.objective_cfg.mask_fraction).sum().float()
+        return counts
+
+    def forward(self, batch: JetBatch, generator: torch.Generator | None = None,
+                norm: LossNorm | None = None) -> dict:
+        """Loss and metrics of the configured objective.
+
+        Each objective's summed loss is divided by its count: the global one from the trainer's
+        `norm` (then any split of a global batch gives the same gradient), else this batch's (a
+        mean); joint weights the normalised objectives. Metrics are `Ratio`s (sum, count) so the
+        trainer can add them over micro-batches and processes. MPM masks come from `norm`'s
+        per-jet seed, else from `generator` (None: the global RNG).
+        """
         self._check(batch)
         packing = self.packing(batch)
         inputs = self._inputs(batch)
-        out: dict[str, torch.Tensor] = {}
+        out: dict = {}
         loss = 0.0
-        name = self.objective_cfg.name
+        joint = self.objective_cfg.name == "joint"
         if self.ntp is not None:
-            out["ntp_loss"], out["ntp_acc"] = self.ntp(self.backbone, packing, **inputs)
-            loss = loss + (self.objective_cfg.ntp_weight if name == "joint" else 1.0) * out["ntp_loss"]
+            loss_sum, correct = self.ntp(self.backbone, packing, **inputs)
+            count = torch.full_like(loss_sum, self.ntp.count(packing)).detach()
+            out["ntp_loss"], out["ntp_acc"] = Ratio(loss_sum.detach(), count), Ratio(correct, count)
+            loss = loss + (self.objective_cfg.ntp_weight if joint else 1.0) * normalise(norm, "ntp", loss_sum, count)
         if self.mpm is not None:
-            masked_T = mask_particles(packing, self.objective_cfg.mask_fraction, generator)
-            out["mpm_loss"], out["mpm_acc"] = self.mpm(self.backbone, packing, masked_T, **inputs)
-            loss = loss + (self.objective_cfg.mpm_weight if name == "joint" else 1.0) * out["mpm_loss"]
+            if norm is not None and norm.mask_seed is not None:
+                masked_T = mask_particles(packing, self.objective_cfg.mask_fraction, seed=norm.mask_seed,
+                                          jet_offset=norm.jet_offset)
+            else:
+                masked_T = mask_particles(packing, self.objective_cfg.mask_fraction, generator)
+            loss_sum, correct = self.mpm(self.backbone, packing, masked_T, **inputs)
+            count = masked_T.sum().to(loss_sum.dtype)
+            out["mpm_loss"], out["mpm_acc"] = Ratio(loss_sum.detach(), count), Ratio(correct, count)
+            loss = loss + (self.objective_cfg.mpm_weight if joint else 1.0) * normalise(norm, "mpm", loss_sum, count)
         out["loss"] = loss
-        for key in out:
-            if key != "loss":
-                out[key] = out[key].detach()
         return out
 
     def ntp_logits(self, batch: JetBatch) -> tuple[torch.Tensor, torch.Tensor]:

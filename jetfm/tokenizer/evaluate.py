@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from ..data.features import four_momenta_from_relative
 from ..data.physics import invariant_mass, segment_sum, wrap_phi
 from ..metrics import plots
+from ..models.objectives import Ratio
 from .codebook import counts_statistics, nearest_codes
 from .model import check_features_match, packing_for
 
@@ -121,8 +122,9 @@ def evaluate(model, loader, cfg, out_dir, *, max_jets: int | None = None, plots:
 
     perplexity, utilisation = counts_statistics(counts)
     metrics = {
-        "recon_loss": sums["recon"] / sums["particles"],
-        "vq_loss": sums["vq"] / sums["particles"],
+        # per particle over every process's batches: the trainer adds a Ratio's parts over processes
+        "recon_loss": Ratio(sums["recon"], float(sums["particles"])),
+        "vq_loss": Ratio(sums["vq"], float(sums["particles"])),
         "perplexity": float(perplexity),
         "utilisation": float(utilisation),
         "codes_used": float((counts > 0).sum()),

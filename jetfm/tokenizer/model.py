@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..artifacts.atomic import atomic_directory
+from ..models.objectives import LossNorm, Ratio
 from ..data.features import (
     DERIVED_FEATURES,
     FeatureTransform,
@@ -203,7 +204,13 @@ class ParticleTokenizer(nn.Module):
         """Causal decoder: features (T, F) from (quantised) latents (T, D), in the given order."""
         return self.head(self._run(self.decoder, self.from_latent(q_TD), packing, causal=True))
 
-    def forward(self, batch) -> dict:
+    def loss_counts(self, batch) -> dict[str, torch.Tensor]:
+        """Reconstructed particles of `batch` (trainer hook): the losses are means over particles."""
+        return {"particles": torch.full((), float(batch.num_particles), device=batch.x.device)}
+
+    def forward(self, batch, norm: LossNorm | None = None) -> dict:
+        """Loss (recon + vq_weight x vq, each per particle: over the trainer's global particle count
+        given `norm`, else over this batch's) and metrics (`Ratio`s for the two losses)."""
         x_TF = batch.x
         self._check_x(x_TF)
         packing = packing_for(batch.cu_seqlens, x_TF.shape[0], batch.max_seqlen)
@@ -215,10 +222,12 @@ class ParticleTokenizer(nn.Module):
         # packed rows are exactly the real particles: this is the masked MSE
         recon_loss = F.mse_loss(recon_TF.float(), x_TF.float())
         perplexity, utilisation = code_statistics(codes_T, self.codebook_size)
+        loss = recon_loss + self.cfg.vq_weight * vq_loss  # means over this batch's particles
+        T = torch.full_like(recon_loss, x_TF.shape[0]).detach()
         return {
-            "loss": recon_loss + self.cfg.vq_weight * vq_loss,
-            "recon_loss": recon_loss.detach(),
-            "vq_loss": vq_loss.detach(),
+            "loss": loss if norm is None else loss * norm.scale("particles", T),
+            "recon_loss": Ratio(recon_loss.detach() * T, T),
+            "vq_loss": Ratio(vq_loss.detach() * T, T),
             "perplexity": perplexity,
             "utilisation": utilisation,
         }
