@@ -28,9 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
+
+from . import messages
 
 EXPERIMENT = "jetfm-demo"
 #: the generative report's headline observables (plots shown in the report)
@@ -39,12 +40,12 @@ REPORT_OBSERVABLES = ("jet_mass", "jet_nparticles", "jet_tau32", "part_ptrel")
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    parser.add_argument("--jets", type=int, default=1000,
-                        help="training jets per class to generate (default 1000; val/test get a fifth each)")
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of each training stage (default 300)")
+    parser.add_argument("--jets", type=int, default=500,
+                        help="training jets per class to generate (default 500; val/test get a fifth each)")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps of each training stage (default 200)")
     parser.add_argument("--data", default=None, metavar="DIR",
                         help="use this top-vs-QCD shard set (train/val/test) instead of generating one")
-    parser.add_argument("--gen-jets", type=int, default=400, help="jets to sample from the pre-trained model (default 400)")
+    parser.add_argument("--gen-jets", type=int, default=300, help="jets to sample from the pre-trained model (default 300)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="jets per training batch of every stage (default: each small preset's, 64-100)")
     parser.add_argument("--workers", type=int, default=2, help="Pythia worker processes (default 2)")
@@ -59,7 +60,7 @@ class DemoError(RuntimeError):
 
 
 def _run(what: str, main, argv: list[str]) -> None:
-    print(f"$ {what} {' '.join(argv)}", flush=True)
+    messages.info(f"$ {what} {' '.join(argv)}")
     status = main(argv)
     if status:
         raise DemoError(f"`{what} {' '.join(argv[:3])} ...` failed (exit status {status}); rerun `jetfm demo` with "
@@ -126,17 +127,17 @@ def run_demo(args) -> int:
     started = time.perf_counter()
     try:
         for i, (what, step) in enumerate(stages, 1):
-            print(f"\n[{i}/{len(stages)}] {what}", flush=True)
+            messages.info(f"[{i}/{len(stages)}] {what}")
             t0 = time.perf_counter()
             step()
             timings[what] = time.perf_counter() - t0
     except DemoError as error:
-        print(f"jetfm demo: {error}", file=sys.stderr)
+        messages.error(f"demo: {error}")
         return 1
     timings["total"] = time.perf_counter() - started
     report = write_report(out, timings, args)
-    print(f"\ndone in {timings['total'] / 60:.1f} min: {report}\n"
-          f"open the runs:  mlflow ui --backend-store-uri {store}")
+    messages.output(f"done in {timings['total'] / 60:.1f} min: {report}\n"
+                    f"open the runs:  mlflow ui --backend-store-uri {store}")
     return 0
 
 
@@ -152,8 +153,7 @@ def _log_plots(run_dir: Path) -> None:
             for png in pngs:
                 client.log_artifact(record["run_id"], str(png), "plots")
     except Exception as error:  # noqa: BLE001 - the plots stay on disk; tracking is a convenience here
-        print(f"jetfm demo: could not log {run_dir}/eval plots to MLflow ({type(error).__name__}: {error})",
-              file=sys.stderr)
+        messages.warn(f"demo: could not log {run_dir}/eval plots to MLflow ({type(error).__name__}: {error})")
 
 
 # --------------------------------------------------------------------------- the report
