@@ -42,7 +42,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     parser.add_argument("--jets", type=int, default=500,
                         help="training jets per class to generate (default 500; val/test get a fifth each)")
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps of each training stage (default 200)")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of each training stage (default 300)")
     parser.add_argument("--data", default=None, metavar="DIR",
                         help="use this top-vs-QCD shard set (train/val/test) instead of generating one")
     parser.add_argument("--gen-jets", type=int, default=300, help="jets to sample from the pre-trained model (default 300)")
