@@ -82,15 +82,20 @@ def run_demo(args) -> int:
     val = max(1, args.jets // 5)
     timings: dict[str, float] = {}
     tracking = [f"tracking.uri={store}", f"tracking.experiment={EXPERIMENT}"]
-    short = [f"train.eval_every={max(1, args.steps // 2)}", f"train.checkpoint_every={max(1, args.steps // 2)}",
-             f"optim.warmup_steps={min(20, args.steps // 10)}"]
+    short = [f"train.checkpoint_every={max(1, args.steps // 2)}", f"optim.warmup_steps={min(20, args.steps // 10)}"]
     if args.batch_size:
         short.append(f"data.batch_size={args.batch_size}")
 
-    def train(name: str, config: str, data_dir: Path, *overrides: str) -> Path:
+    def train(name: str, config: str, data_dir: Path, *overrides: str, evaluations: int = 1) -> Path:
+        """One training stage; validated `evaluations` times (fine-tuning: twice, to pick the best)."""
         run_dir = out / name
+        done = _read(run_dir / "summary.json")
+        if done.get("status") == "completed" and done.get("steps") == args.steps and (run_dir / "final").is_dir():
+            messages.info(f"{name}: done already ({run_dir / 'final'})")  # a rerun: nothing to set up or load
+            return run_dir
         argv = ["--config", config, f"data.path={data_dir}", f"out_dir={run_dir}", f"name={name}",
-                f"train.max_steps={args.steps}", f"seed={args.seed}", *short, *tracking, *overrides, "--resume"]
+                f"train.max_steps={args.steps}", f"seed={args.seed}", f"train.eval_every={max(1, args.steps // evaluations)}",
+                *short, *tracking, *overrides, "--resume"]
         _run("python jetfm/train.py", trainer.main, argv)
         _log_plots(run_dir)
         return run_dir
@@ -110,17 +115,18 @@ def run_demo(args) -> int:
                                      "--n-jets", str(args.gen_jets), "--out", str(generated), "--seed",
                                      str(args.seed), "--quiet", "--overwrite"]),
             _run("jetfm", cli.main, ["evaluate", "generative", "--generated", str(generated), "--reference",
-                                     str(data), "--tracking-uri", store, "--no-class-plots"]))),
+                                     str(data), "--tracking-uri", store, "--no-class-plots", "--no-tokenized-plots"]))),
         ("fine-tune a top tagger: pre-trained backbone vs from scratch", lambda: (
             train("finetune-pretrained", "small/finetune_toptag.yaml", tokens,
-                  f"finetune.pretrained={out / 'joint' / 'final'}"),
+                  f"finetune.pretrained={out / 'joint' / 'final'}", evaluations=2),
             train("finetune-scratch", "small/finetune_toptag.yaml", tokens,
-                  "finetune.mode=scratch", "finetune.pretrained=null"))),
+                  "finetune.mode=scratch", "finetune.pretrained=null", evaluations=2))),
         ("score both classifiers on the test split", lambda: [
             _run("jetfm", cli.main, ["evaluate", "classifier", "--checkpoint", str(out / name / "best"),
                                      "--data", str(tokens), "--split", "test", "--out", str(out / name / "eval" / "test"),
                                      "--no-progress"])
-            for name in ("finetune-pretrained", "finetune-scratch")]),
+            for name in ("finetune-pretrained", "finetune-scratch")
+            if not (out / name / "eval" / "test" / "metrics.json").is_file()]),  # scored already
     ]
     if args.data:
         stages = stages[1:]

@@ -5,7 +5,7 @@
     jetfm evaluate generative --generated gen/joint --reference data/toptag    # then judge them
 
 Sampling, caches and conditioning: jetfm.sampling; the jet frame: jetfm.data.jetframe; loading the
-checkpoint: jetfm.artifacts.exports. The method (tokens, the NTP objective, sampling): docs/METHOD.md.
+checkpoint: jetfm.artifacts.exports. The method (tokens, the NTP objective, sampling): docs/METHOD.md §3–4.
 
 Output (`generate_to_shards`): a standard shard set, split `generated`, one chunk per
 `chunk_size` jets. Particles are physical, massless four-momenta (px, py, pz, E) in GeV:

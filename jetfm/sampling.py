@@ -6,7 +6,7 @@
 
 `jetfm generate` (jetfm/generate.py) is the command around it: it writes the jets as a shard set.
 
-Sampling (SCIENCE.md §4). Every jet starts from the start position and samples one token per
+Sampling (docs/METHOD.md §4). Every jet starts from the start position and samples one token per
 step until it samples the stop token or reaches the length limit; jets in a batch advance in
 lockstep, a jet that has stopped is masked, and every `sync_every` steps the batch is compacted
 to its live jets (so stopped jets cost nothing for long). Token ids: start 0 is never sampled

@@ -1,4 +1,4 @@
-"""Generative evaluation (docs/METHOD.md): generated jets vs reference jets — `jetfm evaluate generative`.
+"""Generative evaluation (docs/METHOD.md §4): generated jets vs reference jets — `jetfm evaluate generative`.
 
     jetfm evaluate generative --generated gen/joint --reference data/toptag
     jetfm evaluate generative --generated gen/joint --reference data/toptag --reference-split test \
@@ -193,6 +193,7 @@ def evaluate_generative(
     n_bins: int = 40,
     plots: bool = True,
     per_class_plots: bool = True,
+    tokenized_plots: bool = True,
     tracking: bool = True,
     tracking_uri: str | None = None,
     device: str = "cpu",
@@ -272,7 +273,7 @@ def evaluate_generative(
             result["comparisons"][comparison][name] = entry
             label = "reference" if comparison == "reference" else "reference (tokenized)"
             text.append(format_comparison(f"generated vs {label} — {name}", entry))
-            if plots and (name == "all" or per_class_plots):
+            if plots and (name == "all" or per_class_plots) and (comparison == "reference" or tokenized_plots):
                 annotations = {row["observable"]: (f"KL {row['kl']:.3g}, " if math.isfinite(row["kl"]) else "")
                                + f"W1 {row['w1']:.3g}" for row in entry["rows"]}
                 paths = plot_distributions(
@@ -383,6 +384,8 @@ def add_generative_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bins", type=int, default=40, help="reference-quantile bins of the KL (default 40)")
     parser.add_argument("--no-plots", action="store_true", help="metrics only")
     parser.add_argument("--no-class-plots", action="store_true", help="plots for all jets only, not per class")
+    parser.add_argument("--no-tokenized-plots", action="store_true",
+                        help="plots against the stored reference only (the tokenized comparison keeps its numbers)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the checkpoint run's)")
     parser.add_argument("--device", default="cpu", help="device of the tokenizer (default cpu)")
@@ -397,6 +400,7 @@ def run_generative(args) -> int:
             args.generated, args.reference, tokenizer_dir=args.tokenizer, out_dir=args.out,
             reference_split=args.reference_split, generated_split=args.generated_split, max_jets=args.max_jets,
             n_bins=args.bins, plots=not args.no_plots, per_class_plots=not args.no_class_plots,
+            tokenized_plots=not args.no_tokenized_plots,
             tracking=not args.no_tracking, tracking_uri=args.tracking_uri, device=args.device,
         )
     except (EvaluationError, DataError, TokenizerMismatchError, FileNotFoundError) as error:
