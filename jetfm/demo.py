@@ -1,6 +1,6 @@
 """`jetfm demo`: the whole chain, small, on jets generated here — the README's main job.
 
-    jetfm demo --out runs/demo            # ~9 CPU-minutes on a 2-core laptop (measured: README)
+    jetfm demo --out runs/demo            # ~4 CPU-minutes on a 2-core laptop (measured: README)
     mlflow ui --backend-store-uri sqlite:///runs/demo/mlflow.db   # printed at the end
 
 1. Pythia 8 + FastJet: top vs QCD jets (toptag preset)       -> OUT/data
