@@ -1,6 +1,6 @@
 """`jetfm demo`: the whole chain, small, on jets generated here — the README's main job.
 
-    jetfm demo --out runs/demo            # ~9 CPU-minutes on a 2-core laptop (measured: README)
+    jetfm demo --out runs/demo            # ~4 CPU-minutes on a 2-core laptop (measured: README)
     mlflow ui --backend-store-uri sqlite:///runs/demo/mlflow.db   # printed at the end
 
 1. Pythia 8 + FastJet: top vs QCD jets (toptag preset)       -> OUT/data
@@ -28,9 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
+
+from . import messages
 
 EXPERIMENT = "jetfm-demo"
 #: the generative report's headline observables (plots shown in the report)
@@ -39,12 +40,12 @@ REPORT_OBSERVABLES = ("jet_mass", "jet_nparticles", "jet_tau32", "part_ptrel")
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    parser.add_argument("--jets", type=int, default=1000,
-                        help="training jets per class to generate (default 1000; val/test get a fifth each)")
+    parser.add_argument("--jets", type=int, default=500,
+                        help="training jets per class to generate (default 500; val/test get a fifth each)")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of each training stage (default 300)")
     parser.add_argument("--data", default=None, metavar="DIR",
                         help="use this top-vs-QCD shard set (train/val/test) instead of generating one")
-    parser.add_argument("--gen-jets", type=int, default=400, help="jets to sample from the pre-trained model (default 400)")
+    parser.add_argument("--gen-jets", type=int, default=300, help="jets to sample from the pre-trained model (default 300)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="jets per training batch of every stage (default: each small preset's, 64-100)")
     parser.add_argument("--workers", type=int, default=2, help="Pythia worker processes (default 2)")
@@ -59,7 +60,7 @@ class DemoError(RuntimeError):
 
 
 def _run(what: str, main, argv: list[str]) -> None:
-    print(f"$ {what} {' '.join(argv)}", flush=True)
+    messages.info(f"$ {what} {' '.join(argv)}")
     status = main(argv)
     if status:
         raise DemoError(f"`{what} {' '.join(argv[:3])} ...` failed (exit status {status}); rerun `jetfm demo` with "
@@ -81,15 +82,20 @@ def run_demo(args) -> int:
     val = max(1, args.jets // 5)
     timings: dict[str, float] = {}
     tracking = [f"tracking.uri={store}", f"tracking.experiment={EXPERIMENT}"]
-    short = [f"train.eval_every={max(1, args.steps // 2)}", f"train.checkpoint_every={max(1, args.steps // 2)}",
-             f"optim.warmup_steps={min(20, args.steps // 10)}"]
+    short = [f"train.checkpoint_every={max(1, args.steps // 2)}", f"optim.warmup_steps={min(20, args.steps // 10)}"]
     if args.batch_size:
         short.append(f"data.batch_size={args.batch_size}")
 
-    def train(name: str, config: str, data_dir: Path, *overrides: str) -> Path:
+    def train(name: str, config: str, data_dir: Path, *overrides: str, evaluations: int = 1) -> Path:
+        """One training stage; validated `evaluations` times (fine-tuning: twice, to pick the best)."""
         run_dir = out / name
+        done = _read(run_dir / "summary.json")
+        if done.get("status") == "completed" and done.get("steps") == args.steps and (run_dir / "final").is_dir():
+            messages.info(f"{name}: done already ({run_dir / 'final'})")  # a rerun: nothing to set up or load
+            return run_dir
         argv = ["--config", config, f"data.path={data_dir}", f"out_dir={run_dir}", f"name={name}",
-                f"train.max_steps={args.steps}", f"seed={args.seed}", *short, *tracking, *overrides, "--resume"]
+                f"train.max_steps={args.steps}", f"seed={args.seed}", f"train.eval_every={max(1, args.steps // evaluations)}",
+                *short, *tracking, *overrides, "--resume"]
         _run("python jetfm/train.py", trainer.main, argv)
         _log_plots(run_dir)
         return run_dir
@@ -109,34 +115,35 @@ def run_demo(args) -> int:
                                      "--n-jets", str(args.gen_jets), "--out", str(generated), "--seed",
                                      str(args.seed), "--quiet", "--overwrite"]),
             _run("jetfm", cli.main, ["evaluate", "generative", "--generated", str(generated), "--reference",
-                                     str(data), "--tracking-uri", store, "--no-class-plots"]))),
+                                     str(data), "--tracking-uri", store, "--no-class-plots", "--no-tokenized-plots"]))),
         ("fine-tune a top tagger: pre-trained backbone vs from scratch", lambda: (
             train("finetune-pretrained", "small/finetune_toptag.yaml", tokens,
-                  f"finetune.pretrained={out / 'joint' / 'final'}"),
+                  f"finetune.pretrained={out / 'joint' / 'final'}", evaluations=2),
             train("finetune-scratch", "small/finetune_toptag.yaml", tokens,
-                  "finetune.mode=scratch", "finetune.pretrained=null"))),
+                  "finetune.mode=scratch", "finetune.pretrained=null", evaluations=2))),
         ("score both classifiers on the test split", lambda: [
             _run("jetfm", cli.main, ["evaluate", "classifier", "--checkpoint", str(out / name / "best"),
                                      "--data", str(tokens), "--split", "test", "--out", str(out / name / "eval" / "test"),
                                      "--no-progress"])
-            for name in ("finetune-pretrained", "finetune-scratch")]),
+            for name in ("finetune-pretrained", "finetune-scratch")
+            if not (out / name / "eval" / "test" / "metrics.json").is_file()]),  # scored already
     ]
     if args.data:
         stages = stages[1:]
     started = time.perf_counter()
     try:
         for i, (what, step) in enumerate(stages, 1):
-            print(f"\n[{i}/{len(stages)}] {what}", flush=True)
+            messages.info(f"[{i}/{len(stages)}] {what}")
             t0 = time.perf_counter()
             step()
             timings[what] = time.perf_counter() - t0
     except DemoError as error:
-        print(f"jetfm demo: {error}", file=sys.stderr)
+        messages.error(f"demo: {error}")
         return 1
     timings["total"] = time.perf_counter() - started
     report = write_report(out, timings, args)
-    print(f"\ndone in {timings['total'] / 60:.1f} min: {report}\n"
-          f"open the runs:  mlflow ui --backend-store-uri {store}")
+    messages.output(f"done in {timings['total'] / 60:.1f} min: {report}\n"
+                    f"open the runs:  mlflow ui --backend-store-uri {store}")
     return 0
 
 
@@ -152,8 +159,7 @@ def _log_plots(run_dir: Path) -> None:
             for png in pngs:
                 client.log_artifact(record["run_id"], str(png), "plots")
     except Exception as error:  # noqa: BLE001 - the plots stay on disk; tracking is a convenience here
-        print(f"jetfm demo: could not log {run_dir}/eval plots to MLflow ({type(error).__name__}: {error})",
-              file=sys.stderr)
+        messages.warn(f"demo: could not log {run_dir}/eval plots to MLflow ({type(error).__name__}: {error})")
 
 
 # --------------------------------------------------------------------------- the report

@@ -5,7 +5,7 @@
     jetfm evaluate generative --generated gen/joint --reference data/toptag    # then judge them
 
 Sampling, caches and conditioning: jetfm.sampling; the jet frame: jetfm.data.jetframe; loading the
-checkpoint: jetfm.artifacts.exports.
+checkpoint: jetfm.artifacts.exports. The method (tokens, the NTP objective, sampling): docs/METHOD.md §3–4.
 
 Output (`generate_to_shards`): a standard shard set, split `generated`, one chunk per
 `chunk_size` jets. Particles are physical, massless four-momenta (px, py, pz, E) in GeV:
@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import messages
 from .artifacts.exports import ExportError, load_pretrain, load_tokenizer_export, resolve_export_dir
 from .artifacts.runs import find_run_record
 from .data.features import Preprocessing
@@ -48,7 +49,14 @@ __all__ = ["GENERATED_SPLIT", "GenerationError", "generate_to_shards", "load_pre
 
 # --------------------------------------------------------------------------- loading
 def resolve_checkpoint_dir(path) -> Path:
-    """The directory holding model.safetensors + config.yaml: PATH itself, or PATH/final (a run dir)."""
+    """The directory holding model.safetensors + config.yaml: PATH itself, or PATH/final (a run dir).
+    A tokenizer's export or run dir (tokenizer.json) is the common mix-up: said so by name."""
+    from .tokenizer.model import CONFIG_FILE as TOKENIZER_FILE
+
+    for candidate in (Path(path), Path(path) / "final"):
+        if (candidate / TOKENIZER_FILE).is_file():
+            raise GenerationError(f"{path}: this is a tokenizer export; pass a pre-training run or its final/ "
+                                  "(e.g. runs/joint-small/final: stage pretrain, objective ntp or joint)")
     try:
         return resolve_export_dir(path)
     except ExportError as error:
@@ -281,10 +289,10 @@ def run_generate(args) -> int:
             overwrite=args.overwrite, progress=not args.quiet,
         )
     except (GenerationError, TokenizerMismatchError, ConfigError, DataError, FileNotFoundError) as error:
-        print(f"jetfm: error: {error}", file=sys.stderr)
+        messages.error(str(error))
         return 2
     s = manifest.source
-    print(f"{args.out}: {s['n_jets']} jets ({s['n_stopped']} stopped, {s['n_length_limit']} at the length limit "
+    messages.output(f"{args.out}: {s['n_jets']} jets ({s['n_stopped']} stopped, {s['n_length_limit']} at the length limit "
           f"{s['sampling']['max_length']}) in {s['seconds']:.1f} s, {s['jets_per_s']:.1f} jets/s")
     return 0
 

@@ -6,7 +6,7 @@
 
 `jetfm generate` (jetfm/generate.py) is the command around it: it writes the jets as a shard set.
 
-Sampling (SCIENCE.md §4). Every jet starts from the start position and samples one token per
+Sampling (docs/METHOD.md §4). Every jet starts from the start position and samples one token per
 step until it samples the stop token or reaches the length limit; jets in a batch advance in
 lockstep, a jet that has stopped is masked, and every `sync_every` steps the batch is compacted
 to its live jets (so stopped jets cost nothing for long). Token ids: start 0 is never sampled
@@ -322,7 +322,7 @@ def generate_jets(
     model's input preprocessing (its config's data.features, a Preprocessing or a FeatureMap;
     None = the tokenizer's own, i.e. decoded features are fed unchanged). sync_every: steps between
     checks for "all stopped" + compaction (a host sync; default 1 on CPU, 8 on GPU).
-    progress: a tqdm-like object updated with the number of finished jets.
+    progress: a tqdm-like object updated with the number of finished jets (at every "all stopped" check).
     """
     if n_jets < 1 or batch_size < 1:
         raise GenerationError(f"n_jets and batch_size must be >= 1, got {n_jets} and {batch_size}")
@@ -366,7 +366,7 @@ def generate_jets(
         tok_BL, len_B, feat_BLF = _generate_batch(
             stepper, model, u_BL, L=L, min_length=min_length, temperature=temperature, top_k=top_k, top_p=top_p,
             labels_B=None if labels_N is None else labels_N[rows],
-            mult_B=None if mult_N is None else mult_N[rows], sync_every=sync_every,
+            mult_B=None if mult_N is None else mult_N[rows], sync_every=sync_every, progress=progress,
         )
         valid_BL = torch.arange(L, device=device)[None, :] < len_B[:, None]
         tok_T = tok_BL[valid_BL]
@@ -380,8 +380,6 @@ def generate_jets(
         features.append(feat_TF.float().cpu())
         lengths.append(len_B.cpu())
         stopped.append((len_B < L).cpu())  # a jet shorter than L sampled stop (stop can't be sampled at L)
-        if progress is not None:
-            progress.update(B)
     lengths_N = torch.cat(lengths)
     cu = torch.zeros(n_jets + 1, dtype=torch.long)
     cu[1:] = torch.cumsum(lengths_N, 0)
@@ -392,9 +390,12 @@ def generate_jets(
     )
 
 
-def _generate_batch(stepper, model, u_BL, *, L, min_length, temperature, top_k, top_p, labels_B, mult_B, sync_every):
-    """One batch in lockstep: (tokens (B, L) with stop after the end, lengths (B,), features (B, L, F) | None)."""
+def _generate_batch(stepper, model, u_BL, *, L, min_length, temperature, top_k, top_p, labels_B, mult_B, sync_every,
+                    progress=None):
+    """One batch in lockstep: (tokens (B, L) with stop after the end, lengths (B,), features (B, L, F) | None).
+    progress (tqdm-like) moves by the jets finished at each host sync, so a bar moves per jet."""
     B, device = u_BL.shape[0], u_BL.device
+    reported = 0  # jets of this batch already counted on the progress bar
     stop = model.stop_id
     tokens_BL = torch.full((B, L), stop, dtype=torch.long, device=device)
     feats_BLF = None
@@ -415,6 +416,9 @@ def _generate_batch(stepper, model, u_BL, *, L, min_length, temperature, top_k, 
         if last or (t + 1) % sync_every:
             continue
         live = int((~done_b).sum())  # the host sync
+        if progress is not None and B - live > reported:
+            progress.update(B - live - reported)
+            reported = B - live
         if live == 0:
             break
         if live <= 0.75 * done_b.numel():
@@ -424,6 +428,8 @@ def _generate_batch(stepper, model, u_BL, *, L, min_length, temperature, top_k, 
             done_b = done_b[keep]
             labels_B = None if labels_B is None else labels_B[keep]
             mult_B = None if mult_B is None else mult_B[keep]
+    if progress is not None and B > reported:
+        progress.update(B - reported)
     is_stop_BL = tokens_BL == stop
     lengths_B = torch.where(is_stop_BL.any(1), is_stop_BL.int().argmax(1), torch.full((B,), L, device=device))
     return tokens_BL, lengths_B.long(), feats_BLF

@@ -34,13 +34,13 @@ import fcntl
 import json
 import os
 import queue
-import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from jetfm import messages
 from jetfm.config import Config, config_to_dict, flatten
 
 SPILL_FILE = "mlflow_spill.jsonl"
@@ -277,8 +277,7 @@ class Tracker(NullTracker):
             self._find_or_create_run(client)  # its first query creates (migrates) the store
         self._client = client
         if not self.online and self._down_since is not None:
-            print(f"[jetfm] MLflow at {self.uri} answers again after {time.monotonic() - self._down_since:.0f} s",
-                  file=sys.stderr)
+            messages.info(f"MLflow at {self.uri} answers again after {time.monotonic() - self._down_since:.0f} s")
         self.online = True
         self._down_since = None
         self._replay()
@@ -330,7 +329,7 @@ class Tracker(NullTracker):
     def _warn(self, message: str) -> None:
         if message not in self.warnings:
             self.warnings.append(message)
-            print(f"[jetfm] WARNING: {message}", file=sys.stderr, flush=True)
+            messages.warn(message)
 
     # ------------------------------------------------------------------ spill file
     def _spill(self, job) -> None:

@@ -38,7 +38,10 @@ def test_reduced_demo_writes_a_report_and_one_mlflow_experiment(tmp_path, pythia
     for name in rows:
         scored = json.loads((out / f"finetune-{name}" / "eval" / "test" / "metrics.json").read_text())
         assert scored["n_jets"] == 200 and f"| {scored['auc']:.4g} |" in rows[name]
-    assert re.search(r"\| jet_mass \| [0-9.]+ \| [0-9.]+ \|", report)
+    assert re.search(r"\| jet_mass \| [0-9.]+ \| [0-9.]+ \|", report) and "| jet_phi | – |" in report
+    evaluation = out / "generated" / "evaluation"  # both comparisons scored, only the stored reference plotted
+    assert set(json.loads((evaluation / "metrics.json").read_text())["comparisons"]) == {"reference", "tokenized"}
+    assert (evaluation / "plots" / "reference").is_dir() and not (evaluation / "plots" / "tokenized").exists()
 
     # one store, one experiment, a finished run per training stage, plots and evaluations as artifacts
     client = MlflowClient(store)
@@ -55,4 +58,5 @@ def test_reduced_demo_writes_a_report_and_one_mlflow_experiment(tmp_path, pythia
 
     # rerunning continues: every stage is done, nothing is trained again
     assert cli.main(argv) == 0
-    assert "starting fresh" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "starting fresh" not in err and err.count("done already") == 4 and "$ jetfm evaluate" not in err

@@ -191,6 +191,24 @@ def test_min_length_and_sampling_controls(chain):
     assert int(sample_tokens(torch.zeros(1, 10), torch.tensor([0.999999]), stop_id=9, allow_stop=False)) == 8
 
 
+def test_progress_moves_per_finished_jet_not_per_batch(chain):
+    cfg, model, tokenizer = _load(chain, "trained")
+
+    class Counter:  # what generate_jets asks of a tqdm bar
+        def __init__(self):
+            self.updates = []
+
+        def update(self, n):
+            self.updates.append(n)
+
+    bar = Counter()
+    jets = generate_jets(model, tokenizer, 12, batch_size=12, max_length=L, input_features=cfg.data.features,
+                         generator=torch.Generator().manual_seed(3), progress=bar)
+    assert sum(bar.updates) == 12 and all(n > 0 for n in bar.updates)
+    # one move per step at which jets ended (the last step's and the length limit's together, at the end)
+    assert len(bar.updates) == len({min(n, L - 1) for n in jets.lengths.tolist()}) > 1
+
+
 def test_sampler_matches_the_token_distribution():
     torch.manual_seed(0)
     logits = torch.randn(1, 300) * 2
@@ -288,8 +306,11 @@ def test_errors_name_the_problem(chain, tmp_path):
     save_tokenizer(other, tmp_path / "tok-features")
     with pytest.raises(TokenizerMismatchError, match="part_phirel"):
         generate_to_shards(models["trained"], tmp_path / "g", 4, tokenizer_dir=tmp_path / "tok-features", progress=False)
+    for tokenizer in (chain["tokenizer"], chain["root"] / "tok"):  # its export, its run dir
+        with pytest.raises(GenerationError, match="this is a tokenizer export; pass a pre-training run or its final/"):
+            generate_to_shards(tokenizer, tmp_path / "h", 4, progress=False)
     with pytest.raises(GenerationError, match="not a pre-training export"):
-        generate_to_shards(chain["tokenizer"], tmp_path / "h", 4, progress=False)
+        generate_to_shards(tmp_path, tmp_path / "h", 4, progress=False)
     assert resolve_checkpoint_dir(chain["root"] / "pre") == models["trained"]  # a run dir means its final/
     assert not any((tmp_path / d).exists() for d in "abcdefgh")  # nothing written on errors
     # a copy of the tokenizer fits, but is not the recorded one: a warning

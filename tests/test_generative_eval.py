@@ -83,7 +83,8 @@ def test_a_sample_against_itself_is_zero_and_files_are_written(samples, tmp_path
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["comparisons"]["reference"]["all"]["rows"][0]["kl"] == pytest.approx(0, abs=1e-4)
     assert {r["observable"]: r["kl"] for r in saved["comparisons"]["reference"]["all"]["rows"]}["jet_phi"] is None
-    assert "| jet_mass |" in (out / "metrics.md").read_text()
+    table = (out / "metrics.md").read_text()
+    assert "| jet_mass |" in table and "| jet_phi | – |" in table and "nan" not in table  # no KL of frame offsets
     pngs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
     assert "plots/reference/all/jet_mass.png" in pngs and "plots/reference/all/part_ptrel.png" in pngs
     assert len(pngs) == 10 and all((out / p).stat().st_size > 10_000 for p in pngs)
@@ -146,6 +147,7 @@ def test_command_line(samples, tmp_path, capsys):
     assert run_generative(args) == 0
     printed = capsys.readouterr().out
     assert "| observable | KL (ref‖gen) | W1 |" in printed and "jet_tau32" in printed
+    assert "| jet_eta | – |" in printed and "nan" not in printed
     saved = json.loads((tmp_path / "cli" / "metrics.json").read_text())
     assert saved["n_bins"] == 20 and saved["comparisons"]["reference"]["all"]["n_gen_jets"] == 50
     bad = parser.parse_args(["--generated", str(samples["gen"]), "--reference", str(samples["gen"]),

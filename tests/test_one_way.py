@@ -11,7 +11,9 @@ import jetfm
 
 PACKAGE = Path(jetfm.__file__).parent
 #: Files whose messages go through jetfm.messages (the jetfm command and the `jetfm data` steps).
-MESSAGE_FILES = ["cli.py", "data/convert.py", "data/generate.py", "data/inspect.py", "tokenizer/tokenize.py"]
+MESSAGE_FILES = ["cli.py", "data/convert.py", "data/generate.py", "data/inspect.py", "tokenizer/tokenize.py",
+                 "generate.py", "evaluation/generative.py", "finetune/evaluate.py", "finetune/model.py", "tracking.py",
+                 "demo.py"]
 
 
 def parsed(relative: str) -> ast.Module:

@@ -1,4 +1,4 @@
-"""Generative evaluation (SCIENCE.md §4): generated jets vs reference jets — `jetfm evaluate generative`.
+"""Generative evaluation (docs/METHOD.md §4): generated jets vs reference jets — `jetfm evaluate generative`.
 
     jetfm evaluate generative --generated gen/joint --reference data/toptag
     jetfm evaluate generative --generated gen/joint --reference data/toptag --reference-split test \
@@ -22,7 +22,7 @@ massless four-momenta around (0, 0), pT-sorted — so all samples are built alik
   rotation), and jet_eta, jet_phi, which in the jet frame measure the **offset of the summed
   constituents from the frame origin**: ≈0 for data by construction, for generated jets a test
   that the sampled η_rel/φ_rel are centred like the data's. The absolute jet η/φ of the data
-  are not compared (generated jets have none). For these two only W1 is reported (KL = NaN):
+  are not compared (generated jets have none). For these two only W1 is reported (KL = NaN, "–" in tables):
   the data's offsets are float noise (the φ offset is exactly 0 by the definition of the axis),
   and a KL in quantile bins of noise measures nothing.
 
@@ -53,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import messages
 from ..data.features import particle_features
 from ..data.format import JetArrays
 from ..data.reader import iterate_jets
@@ -193,6 +194,7 @@ def evaluate_generative(
     n_bins: int = 40,
     plots: bool = True,
     per_class_plots: bool = True,
+    tokenized_plots: bool = True,
     tracking: bool = True,
     tracking_uri: str | None = None,
     device: str = "cpu",
@@ -205,7 +207,7 @@ def evaluate_generative(
     started = time.perf_counter()
     generated_dir, reference_dir = Path(generated_dir), location(reference_dir)  # the reference may be a URL
     out_dir = Path(out_dir) if out_dir is not None else generated_dir / "evaluation"
-    say = (lambda text: print(text, file=sys.stderr)) if verbose else (lambda text: None)
+    say = messages.info if verbose else (lambda text: None)
 
     gen_jets, gen_manifest, gen_split = load_jets(generated_dir, generated_split, max_jets)
     ref_jets, ref_manifest, ref_split = load_jets(reference_dir, reference_split, max_jets)
@@ -272,7 +274,7 @@ def evaluate_generative(
             result["comparisons"][comparison][name] = entry
             label = "reference" if comparison == "reference" else "reference (tokenized)"
             text.append(format_comparison(f"generated vs {label} — {name}", entry))
-            if plots and (name == "all" or per_class_plots):
+            if plots and (name == "all" or per_class_plots) and (comparison == "reference" or tokenized_plots):
                 annotations = {row["observable"]: (f"KL {row['kl']:.3g}, " if math.isfinite(row["kl"]) else "")
                                + f"W1 {row['w1']:.3g}" for row in entry["rows"]}
                 paths = plot_distributions(
@@ -299,7 +301,7 @@ def evaluate_generative(
         result["mlflow"] = _log_to_mlflow(result, out_dir, gen_manifest, generated_dir, tracking_uri=tracking_uri, say=say)
         write_json()
     if verbose:
-        print(markdown)
+        messages.output(markdown)
     return result
 
 
@@ -334,7 +336,7 @@ def _log_to_mlflow(result: dict, out_dir: Path, manifest: Manifest, generated_di
     if run is None and checkpoint:
         run = _default_tracking(checkpoint)
     if run is None:
-        say("jetfm: no MLflow run to log to (no checkpoint run record; tracking off in its config): skipped")
+        say("no MLflow run to log to (no checkpoint run record; tracking off in its config): skipped")
         return None
     try:
         tags = {"jetfm.kind": "generative_eval", "jetfm.checkpoint": str(checkpoint), "jetfm.generated": str(generated_dir)}
@@ -345,11 +347,12 @@ def _log_to_mlflow(result: dict, out_dir: Path, manifest: Manifest, generated_di
         n_metrics = log_to_run(run["uri"], run_id, flat_metrics(result), step=step,
                                tags={f"jetfm.generative_eval.{name}": str(out_dir.resolve())},
                                artifacts=[(out_dir, f"generative_eval/{name}")], terminate=new_run)
-        say(f"jetfm: logged {n_metrics} metrics and {out_dir} to MLflow run {run_id} at {run['uri']}"
+        say(f"logged {n_metrics} metrics and {out_dir} to MLflow run {run_id} at {run['uri']}"
             + (" (new run)" if new_run else ""))
         return {"uri": run["uri"], "run_id": run_id, "new_run": new_run, "step": step}
     except Exception as error:  # noqa: BLE001 - tracking never fails an evaluation
-        say(f"jetfm: WARNING: MLflow logging failed ({type(error).__name__}: {str(error)[:300]}); results are in {out_dir}")
+        text = f"MLflow logging failed ({type(error).__name__}: {str(error)[:300]}); results are in {out_dir}"
+        messages.warn(text) if say is messages.info else say(text)  # a warning when verbose, else quiet
         return {"uri": run.get("uri"), "error": f"{type(error).__name__}: {str(error)[:300]}"}
 
 
@@ -382,6 +385,8 @@ def add_generative_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bins", type=int, default=40, help="reference-quantile bins of the KL (default 40)")
     parser.add_argument("--no-plots", action="store_true", help="metrics only")
     parser.add_argument("--no-class-plots", action="store_true", help="plots for all jets only, not per class")
+    parser.add_argument("--no-tokenized-plots", action="store_true",
+                        help="plots against the stored reference only (the tokenized comparison keeps its numbers)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the checkpoint run's)")
     parser.add_argument("--device", default="cpu", help="device of the tokenizer (default cpu)")
@@ -396,10 +401,11 @@ def run_generative(args) -> int:
             args.generated, args.reference, tokenizer_dir=args.tokenizer, out_dir=args.out,
             reference_split=args.reference_split, generated_split=args.generated_split, max_jets=args.max_jets,
             n_bins=args.bins, plots=not args.no_plots, per_class_plots=not args.no_class_plots,
+            tokenized_plots=not args.no_tokenized_plots,
             tracking=not args.no_tracking, tracking_uri=args.tracking_uri, device=args.device,
         )
     except (EvaluationError, DataError, TokenizerMismatchError, FileNotFoundError) as error:
-        print(f"jetfm: error: {error}", file=sys.stderr)
+        messages.error(str(error))
         return 2
     return 0
 

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from jetfm import messages
+
 EFFICIENCIES = (0.3, 0.5)
 
 
@@ -354,8 +356,7 @@ def evaluate_classifier(checkpoint, data, *, split: str = "test", out=None, batc
     if mlflow:
         uri, run_id = find_mlflow_run(checkpoint)
         if run_id is None:
-            print(f"[jetfm] no MLflow run recorded for {checkpoint} (tracking off?): metrics only written to {out}",
-                  file=sys.stderr)
+            messages.info(f"no MLflow run recorded for {checkpoint} (tracking off?): metrics only written to {out}")
         else:
             try:
                 (out / "metrics.json").write_text(json.dumps(_json_safe(record), indent=1) + "\n")
@@ -363,8 +364,8 @@ def evaluate_classifier(checkpoint, data, *, split: str = "test", out=None, batc
                                report, [out / "metrics.json", roc, confusion])
                 record["mlflow"] = {"uri": uri, "run_id": run_id}
             except Exception as error:  # noqa: BLE001 - results on disk matter more than tracking
-                print(f"[jetfm] could not log to MLflow run {run_id} at {uri} ({type(error).__name__}: "
-                      f"{str(error)[:200]}); results are in {out}", file=sys.stderr)
+                messages.warn(f"could not log to MLflow run {run_id} at {uri} ({type(error).__name__}: "
+                              f"{str(error)[:200]}); results are in {out}")
     (out / "metrics.json").write_text(json.dumps(_json_safe(record), indent=1) + "\n")
     record["text"] = format_headline(h) + "\n" + format_report(report)
     return record
@@ -421,12 +422,12 @@ def run_classifier(args: argparse.Namespace) -> int:
                                      classes_only=[c.strip() for c in args.classes.split(",") if c.strip()]
                                      if args.classes else None)
     except (ConfigError, DataError, ValueError) as error:
-        print(f"jetfm: error: {error}", file=sys.stderr)
+        messages.error(str(error))
         return 2
-    print(f"{record['checkpoint']} on {record['data']} [{record['split']}]")
-    print(record["text"])
-    print(f"written: {Path(record['plots']['roc']).parent / 'metrics.json'}, roc.png, confusion.png"
-          + (f"; logged to MLflow run {record['mlflow']['run_id']}" if record["mlflow"] else ""))
+    messages.output(f"{record['checkpoint']} on {record['data']} [{record['split']}]")
+    messages.output(record["text"])
+    messages.output(f"written: {Path(record['plots']['roc']).parent / 'metrics.json'}, roc.png, confusion.png"
+                    + (f"; logged to MLflow run {record['mlflow']['run_id']}" if record["mlflow"] else ""))
     return 0
 
 

@@ -32,7 +32,6 @@ D backbone width, E head width, H heads, K head dim, C classes.
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -40,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from jetfm import messages
 from jetfm.artifacts.exports import (  # noqa: F401 - export_classifier: the stage's exporter, by its old name
     CLASSIFIER_FORMAT as FORMAT,
     checkpoint_vocab,
@@ -298,8 +298,8 @@ def check_pretrained_inputs(cfg: Config, saved: dict, state: dict, manifest, whe
                 "fine-tune with the features the backbone was pre-trained on"
             )
         if saved_data.get("inputs", "raw") != cfg.data.inputs:
-            print(f"[jetfm] note: {where} was pre-trained on data.inputs={saved_data.get('inputs', 'raw')}, "
-                  f"fine-tuning uses data.inputs={cfg.data.inputs}", file=sys.stderr)
+            messages.info(f"note: {where} was pre-trained on data.inputs={saved_data.get('inputs', 'raw')}, "
+                          f"fine-tuning uses data.inputs={cfg.data.inputs}")
         return
     tokens = getattr(manifest, "tokens", None)
     vocab = checkpoint_vocab(state)
@@ -317,8 +317,8 @@ def check_pretrained_inputs(cfg: Config, saved: dict, state: dict, manifest, whe
 
         theirs = Manifest.load(saved_data["path"]).tokens or {}
         if theirs.get("tokenizer") and theirs.get("tokenizer") != tokens.get("tokenizer"):
-            print(f"[jetfm] note: {where} was pre-trained on tokens of {theirs['tokenizer']}, the fine-tuning data "
-                  f"carries tokens of {tokens.get('tokenizer')}", file=sys.stderr)
+            messages.info(f"note: {where} was pre-trained on tokens of {theirs['tokenizer']}, the fine-tuning data "
+                          f"carries tokens of {tokens.get('tokenizer')}")
     except Exception:  # noqa: BLE001 - the pre-training data may live elsewhere
         pass
 

@@ -137,7 +137,8 @@ def format_table(rows: list[dict]) -> str:
     lines = ["| observable | KL (ref‖gen) | W1 |", "|---|---:|---:|"]
     for row in rows:
         w1 = f"{row['w1']:.4g}" if math.isnan(row["w1_std"]) else f"{row['w1']:.4g} ± {row['w1_std']:.2g}"
-        lines.append(f"| {row['observable']} | {row['kl']:.4g} | {w1} |")
+        kl = "–" if math.isnan(row["kl"]) else f"{row['kl']:.4g}"  # no KL for degenerate distributions
+        lines.append(f"| {row['observable']} | {kl} | {w1} |")
     return "\n".join(lines)
 
 
