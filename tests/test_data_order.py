@@ -11,6 +11,7 @@ refused naming the key), and train.init_from.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -133,6 +134,28 @@ def test_sigkill_with_workers_resumes_exactly_and_leaves_no_worker(tmp_path, big
     assert run(clean) == 0
     resumed, reference = read_metrics(tmp_path / "killed"), read_metrics(tmp_path / "clean")
     assert [resumed[s] for s in range(start + 1, end + 1)] == [reference[s] for s in range(start + 1, end + 1)]
+
+
+def test_sigterm_to_the_process_group_with_workers_still_checkpoints(tmp_path, tiny_data):
+    """A pre-empted step signals every process, DataLoader workers included: the run still stops
+    cleanly with a checkpoint (the workers leave the signal to the trainer)."""
+    config = tiny_config(tmp_path, tiny_data, name="group", data={"num_workers": 2},
+                         train={"max_steps": 100000, "checkpoint_every": 0})
+    log = open(tmp_path / "group.log", "w+")
+    proc = subprocess.Popen([sys.executable, str(REPO / "jetfm" / "train.py"), "--config", str(config)],
+                            env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    metrics = tmp_path / "group" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.1)
+    assert len(_children(proc.pid)) >= 2
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=120)
+    out = (tmp_path / "group.log").read_text()
+    assert proc.returncode == 0, out[-3000:]
+    summary = json.loads((tmp_path / "group" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["checkpoint"], out[-3000:]
 
 
 def test_changed_lr_and_schedule_reach_the_optimizer_on_resume(tmp_path, tiny_data, capsys):

@@ -484,11 +484,15 @@ def _keep_numpy(item):
 def _worker_init(parent_pid: int, worker_id: int) -> None:
     """A worker dies with the training process: PR_SET_PDEATHSIG (Linux) delivers SIGKILL to the
     worker when its parent exits, however it exits (SIGKILL included); elsewhere, or if the parent
-    is already gone, the worker leaves at once."""
+    is already gone, the worker leaves at once. SIGTERM/SIGINT sent to the whole process group (a
+    pre-empted SLURM step, Ctrl-C) are the trainer's to handle: it checkpoints, then exits, and
+    the workers go with it."""
     import ctypes
     import os
     import signal
 
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
