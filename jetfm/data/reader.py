@@ -376,8 +376,14 @@ class JetDataset(IterableDataset):
         return jets, x, reco, order
 
     def iterate_stream(self, stream: int, start_batch: int = 0):
-        """(batch index, arrays) of one stream from global batch `start_batch` on: O(1) to start,
-        the position is arithmetic (jets before it = start_batch x the stream's batch size)."""
+        """(batch index, arrays or None when empty) of one stream from global batch `start_batch` on."""
+        for j, pieces in self.iterate_pieces(stream, start_batch):
+            yield j, (make_batch(pieces) if pieces else None)
+
+    def iterate_pieces(self, stream: int, start_batch: int = 0):
+        """(batch index, [(jets, x, reco, jet indices), ...]) of one stream from global batch
+        `start_batch` on: O(1) to start, the position is arithmetic (jets before it = start_batch x
+        the stream's batch size)."""
         plan = self.plan()
         pieces = plan.pieces[stream]
         blocks = [pieces[i : i + self.block_pieces] for i in range(0, len(pieces), self.block_pieces)]
@@ -398,7 +404,7 @@ class JetDataset(IterableDataset):
                 offset += take
                 if offset == len(order):
                     block, offset = block + 1, 0
-            yield j, (make_batch(batch) if batch else None)
+            yield j, batch
 
     def __iter__(self):
         """(stream, batch, arrays), batch-major, for this process's streams (a worker's share of them)."""
@@ -448,6 +454,22 @@ def _packed(xs, counts, labels, jet_rows, tokens, recos) -> dict:
         "tokens": None if tokens is None else np.concatenate(tokens).astype(np.int64),
         "reco": None if recos is None else np.concatenate(recos),
     }
+
+
+def cut_pieces(pieces: list, sizes: list[int]) -> list[list]:
+    """Pieces (jets, x, reco, jet indices) laid end to end, cut into groups of `sizes` jets."""
+    out, queue = [], list(pieces)
+    for n in sizes:
+        group = []
+        while n:
+            jets, x, reco, idx = queue.pop(0)
+            if len(idx) > n:
+                queue.insert(0, (jets, x, reco, idx[n:]))
+                idx = idx[:n]
+            group.append((jets, x, reco, idx))
+            n -= len(idx)
+        out.append(group)
+    return out
 
 
 def concat_and_cut(parts: list[dict], sizes: list[int]) -> list[dict]:
@@ -532,9 +554,30 @@ class JetLoader:
         self.dataset.epoch = self.epoch
         return self.dataset.batches_in_epoch()
 
+    def _global_batches(self, ds: JetDataset):
+        """(global batch index, this process's micro-batches as arrays), from global_done on."""
+        streams, first, n = ds.my_streams(), self.global_done, ds.plan().n_batches
+        if self.num_workers == 0:  # pieces of every stream straight into the micro-batches: one copy
+            iterators = [ds.iterate_pieces(s, first) for s in streams]
+            for j in range(first, n):
+                pieces = [p for it in iterators for p in next(it)[1]]
+                yield j, [make_batch(group) for group in cut_pieces(pieces, ds.micro_sizes(j))]
+            return
+        # workers send each stream's batch (tagged); put every global batch's part together in stream order
+        source = self._source(ds)
+        pending: dict[int, dict[int, dict | None]] = {}
+        try:
+            for j in range(first, n):
+                while len(pending.get(j, ())) < len(streams):
+                    s, jj, arrays = next(source)
+                    pending.setdefault(jj, {})[s] = arrays
+                parts = [pending[j][s] for s in streams if pending[j][s] is not None]
+                del pending[j]
+                yield j, concat_and_cut(parts, ds.micro_sizes(j)) if parts else []
+        finally:
+            del source  # shuts the workers down
+
     def _source(self, ds: JetDataset):
-        if self.num_workers == 0:
-            return iter(ds)
         import os
 
         generator = torch.Generator().manual_seed(ds.seed)  # the DataLoader's seed draw leaves the global RNG alone
@@ -546,28 +589,16 @@ class JetLoader:
         ds = self.dataset
         ds.epoch = self.epoch
         ds.start_batch = self.global_done
-        streams = ds.my_streams()
-        pending: dict[int, dict[int, dict | None]] = {}
-        source = self._source(ds)
-        try:
-            for j in range(self.global_done, ds.plan().n_batches):
-                while len(pending.get(j, ())) < len(streams):
-                    s, jj, arrays = next(source)
-                    pending.setdefault(jj, {})[s] = arrays
-                parts = [pending[j][s] for s in streams if pending[j][s] is not None]
-                del pending[j]
-                micro = concat_and_cut(parts, ds.micro_sizes(j)) if parts else []
-                if not micro:
-                    self.global_done = j + 1
-                for arrays in micro[self.micro_done :]:
-                    # the position after this batch, set before handing it out (a checkpoint comes after a step)
-                    self.micro_done += 1
-                    self.batches_done += 1
-                    if self.micro_done == len(micro):
-                        self.global_done, self.micro_done = j + 1, 0
-                    yield to_jet_batch(arrays)
-        finally:
-            del source  # shuts the workers down
+        for j, micro in self._global_batches(ds):
+            if not micro:
+                self.global_done = j + 1
+            for arrays in micro[self.micro_done :]:
+                # the position after this batch, set before handing it out (a checkpoint comes after a step)
+                self.micro_done += 1
+                self.batches_done += 1
+                if self.micro_done == len(micro):
+                    self.global_done, self.micro_done = j + 1, 0
+                yield to_jet_batch(arrays)
         self.epoch += 1
         self._reset_epoch_state()
 
