@@ -494,7 +494,7 @@ def run_validation(run: Run) -> None:
 
 
 def write_checkpoint(run: Run) -> None:
-    """Checkpoint this step (collective): weights, optimizer, schedule, RNG, every rank's data position."""
+    """Checkpoint this step (collective): weights, optimizer, schedule, RNG, the data position (one for all ranks)."""
     state = {
         "epoch": run.train_loader.epoch,
         "loader": run.train_loader.state_dict(),  # the same on every rank: resumable by any process count
