@@ -15,7 +15,8 @@ own loader asks for `weights_only=False`; jetfm holds it to weights_only=True to
 the few plain DeepSpeed classes its ZeRO files name (loss scaler, stage enum, fragment address):
 a checkpoint never runs code.
 
-trainer_state.json: step, epoch, per-rank data-loader states, MLflow run id, last metrics.
+trainer_state.json: step, epoch, the data-loader state (one for all ranks: any process count resumes it),
+MLflow run id, last metrics.
 
 A failed write names the checkpoint, the system's reason and the free space (torch's zip writer
 reports a full disk only as "unexpected pos N vs M"; the free space left tells it apart). Pruning
@@ -283,6 +284,44 @@ def check_random_states(checkpoint: Path, rank: int) -> bool:
                       all_ranks=True)
         return False
     return True
+
+
+def load_initial_weights(model: torch.nn.Module, path) -> Path:
+    """`train.init_from`: load the weights of a checkpoint (step-N, checkpoints/ or run directory) or
+    of a stage export (final/, best/) into `model`, strictly; returns the weights file read.
+
+    Only model.safetensors is read (never a pickle). The weights must fit this run's model exactly:
+    the same stage and model config (fine-tuning from a pre-trained backbone is finetune.pretrained).
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    candidates = [path]
+    if not (path / "model.safetensors").is_file():
+        try:
+            found = find_checkpoint(str(path), path) if path.exists() else None
+        except CheckpointError:
+            found = None
+        if found is not None:
+            candidates.insert(0, found)
+    weights = next((c / "model.safetensors" for c in candidates if (c / "model.safetensors").is_file()), None)
+    if weights is None:
+        raise CheckpointError(
+            f"train.init_from={path}: no model.safetensors there (expected a checkpoint step-NNNNNN of a DDP or "
+            "single-process run, its run directory, or a stage export such as out_dir/final; a sharded FSDP/DeepSpeed "
+            "checkpoint holds no whole weights: use that run's final/)")
+    state = load_file(str(weights), device="cpu")
+    mine = model.state_dict()
+    missing = sorted(set(mine) - set(state))
+    unexpected = sorted(set(state) - set(mine))
+    wrong = sorted(k for k in set(mine) & set(state) if mine[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"train.init_from={path}: {weights} does not fit this model (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}, other shapes {wrong[:5]}); it must come from a run of the same stage and model "
+            "config (a pre-trained backbone for fine-tuning goes in finetune.pretrained)")
+    model.load_state_dict(state)
+    return weights
 
 
 def _now() -> str:

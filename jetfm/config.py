@@ -73,13 +73,22 @@ class DataConfig:
     """Split validated on (train.eval_every > 0)."""
 
     batch_size: int = 250
-    """Jets per process per micro-step. Global batch = batch_size × processes × train.grad_accum_steps."""
+    """Jets per process per micro-step (on average). Global batch = batch_size × processes ×
+    train.grad_accum_steps; the data order depends only on the global batch, so 1 process × 2b
+    and 2 processes × b train on the same batches, and a run resumes on another process count
+    when the global batch stays the same."""
+
+    streams: int = 8
+    """Virtual data streams: each reads its own contiguous range of the epoch's chunks, and a
+    global batch is one batch from every stream. A process serves streams/processes of them, so
+    the process count must divide it (e.g. 64 for up to 64 GPUs). Fixed for the life of a run."""
 
     max_particles: int = 128
     """Jets are truncated to their max_particles highest-pT particles when read."""
 
     shuffle_buffer: int = 10000
-    """Jets shuffled together (rounded up to whole chunks of the shard set)."""
+    """Jets shuffled together, over all streams: each stream permutes blocks of about
+    shuffle_buffer / data.streams jets (rounded up to whole chunks of the shard set)."""
 
     num_workers: int = 0
     """DataLoader worker processes per rank (0 reads in the training process)."""
@@ -96,7 +105,7 @@ class DataConfig:
 
     def __post_init__(self):
         check_choices(self, "data")
-        for name in ("batch_size", "max_particles", "shuffle_buffer"):
+        for name in ("batch_size", "max_particles", "shuffle_buffer", "streams"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
@@ -206,6 +215,11 @@ class TrainConfig:
 
     max_bad_steps: int = 10
     """nan_policy=skip: consecutive skipped steps after which training stops anyway."""
+
+    init_from: str | None = None
+    """Start from saved weights: a checkpoint (checkpoints/step-N, checkpoints/ or a run
+    directory) or a stage export (out_dir/final or best). Only the weights are taken: the
+    optimizer, schedule, step count and data order start fresh (unlike --resume)."""
 
     def __post_init__(self):
         check_choices(self, "train")

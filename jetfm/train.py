@@ -68,7 +68,8 @@ from tqdm.auto import tqdm
 from jetfm import stages
 from jetfm.artifacts.exports import export_stage
 from jetfm.artifacts.atomic import WriteError, append_text
-from jetfm.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
+from jetfm.checkpoint import (CheckpointError, find_checkpoint, load_checkpoint, load_initial_weights,
+                              read_trainer_state, save_checkpoint)
 from jetfm.config import Config, ConfigError, describe_keys, flatten, load_config, load_yaml
 from jetfm.data.format import DataError
 from jetfm.data.reader import make_loader
@@ -280,23 +281,29 @@ def setup(cfg: Config, resume: str | None, restart: bool = False) -> Run:
     set_seed(cfg.seed)
     torch.autograd.set_detect_anomaly(cfg.train.detect_anomaly)
 
-    # ---- data: the reader shards by rank itself; drop_uneven keeps ranks in step
+    # ---- data: global batches from data.streams virtual streams, this process's block of them
+    # (the order depends on the global batch only, not on the process count)
+    if cfg.data.streams % world:
+        raise ConfigError(f"data.streams={cfg.data.streams} cannot be shared by {world} processes: the process count "
+                          f"must divide data.streams (set data.streams to a multiple of {world} for a new run, or "
+                          "launch a number of processes that divides it)")
     manifest = Manifest.load(cfg.data.path)
     require_tokens = stages.requires_tokens(cfg)
     train_loader = make_loader(cfg.data, cfg.data.train_split, rank=rank, world_size=world, seed=cfg.seed,
-                               shuffle=True, drop_uneven=True, require_tokens=require_tokens)
+                               shuffle=True, drop_uneven=True, require_tokens=require_tokens, accum=accum)
     if train_loader.batches_per_epoch() == 0:
         raise ConfigError(train_loader.dataset.shortfall())
     val_loader = val_start = None
-    if cfg.train.eval_every:
+    if cfg.train.eval_every:  # every jet of the split, in the same global batches at any process count
         val_loader = make_loader(cfg.data, cfg.data.val_split, rank=rank, world_size=world, seed=cfg.seed,
-                                 shuffle=False, drop_uneven=True, require_tokens=require_tokens)
-        if val_loader.batches_per_epoch() == 0:
-            raise ConfigError(val_loader.dataset.shortfall() + " (or set train.eval_every=0)")
+                                 shuffle=False, drop_uneven=False, require_tokens=require_tokens, accum=accum)
         val_start = val_loader.state_dict()
 
     # ---- model, optimizer (the stage's own parameter groups, if it has them), schedule
     model = stages.build_model(cfg, manifest)
+    if cfg.train.init_from and checkpoint_dir is None:
+        source = load_initial_weights(model, cfg.train.init_from)
+        say(f"train.init_from: weights from {source}; optimizer, schedule and data order start fresh")
     model = shard_model(accelerator, model, cfg)  # FSDP2: per block, before the optimizer sees the parameters
     n_params = sum(p.numel() for p in model.parameters())
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.max_steps)
@@ -309,17 +316,24 @@ def setup(cfg: Config, resume: str | None, restart: bool = False) -> Run:
     # ---- resume: weights, optimizer, schedule, RNG (accelerate), then the data position
     step, trainer_state = 0, {}
     if checkpoint_dir is not None:
+        changes = _check_config_changes(checkpoint_dir, cfg)  # refuses what cannot change before loading anything
+        fresh = _optimizer_settings(optimizer, scheduler)
         trainer_state = load_checkpoint(accelerator, checkpoint_dir)
         step = int(trainer_state["step"])
-        loader_states = trainer_state.get("loader") or []
-        if len(loader_states) != world:
-            raise CheckpointError(
-                f"{checkpoint_dir} was written by {len(loader_states)} processes, this run has {world}: the data order "
-                "cannot be continued; resume with the same number of processes (or start a new run from its weights)"
-            )
-        train_loader.load_state_dict(loader_states[rank])
-        say(f"resumed from {checkpoint_dir}: step {step}, epoch {train_loader.epoch}")
-        _note_config_changes(say, checkpoint_dir, cfg)
+        _apply_optimizer_settings(optimizer, scheduler, fresh)  # this config's lr, schedule and AdamW settings
+        loader_state = trainer_state.get("loader") or {}
+        try:
+            train_loader.load_state_dict(loader_state)
+        except ValueError as error:
+            saved_batch, per = loader_state.get("global_batch"), world * accum
+            hint = (f"; with {world} process(es) x {accum} accumulation that is data.batch_size={saved_batch // per}"
+                    if isinstance(saved_batch, int) and saved_batch % per == 0 and saved_batch != 0 else "")
+            raise ConfigError(f"--resume {checkpoint_dir}: {error}{hint}") from error
+        saved_world = trainer_state.get("world_size")
+        say(f"resumed from {checkpoint_dir}: step {step}, epoch {train_loader.epoch}"
+            + (f" (written by {saved_world} processes, continued by {world})" if saved_world not in (None, world) else ""))
+        if changes:
+            say("config changes applied on resume: " + ", ".join(changes))
 
     # ---- tracking (rank 0; the same MLflow run when resuming)
     tracker = start_tracking(cfg, is_main=is_main, run_id=trainer_state.get("mlflow_run_id"),
@@ -540,12 +554,10 @@ def run_validation(run: Run) -> None:
 
 
 def write_checkpoint(run: Run) -> None:
-    """Checkpoint this step (collective): weights, optimizer, schedule, RNG, every rank's data position."""
-    from accelerate.utils import gather_object
-
+    """Checkpoint this step (collective): weights, optimizer, schedule, RNG, the data position (one for all ranks)."""
     state = {
         "epoch": run.train_loader.epoch,
-        "loader": gather_object([run.train_loader.state_dict()]),  # one per rank, rank order
+        "loader": run.train_loader.state_dict(),  # the same on every rank: resumable by any process count
         "world_size": run.world,
         "distributed": run.info,
         "mlflow_run_id": run.tracker.run_id,  # None until the server first answers (never waited for) ...
@@ -795,16 +807,61 @@ def _append_jsonl(path: Path, record: dict, is_main: bool) -> None:
         append_text(path, json.dumps(record) + "\n")
 
 
-def _note_config_changes(say, checkpoint_dir: Path, cfg: Config) -> None:
+#: Keys a resumed run cannot change (prefix -> why): they define the model, what it learns, or the
+#: data order. data.batch_size and train.grad_accum_steps may change when the global batch
+#: (batch_size x processes x accumulation) does not; the loader's state checks that.
+FIXED_ON_RESUME = {
+    "stage": "the stage", "builder": "the model", "seed": "the data order", "model.": "the model",
+    "objective.": "the objective", "tokenizer.": "the model", "finetune.mode": "the model",
+    "finetune.pretrained": "the model", "finetune.head_": "the model", "data.path": "the data",
+    "data.features": "the model inputs", "data.inputs": "the model inputs", "data.max_particles": "the model inputs",
+    "data.train_split": "the data", "data.streams": "the data order", "data.shuffle_buffer": "the data order",
+}
+
+
+def _check_config_changes(checkpoint_dir: Path, cfg: Config) -> list[str]:
+    """The keys that differ from the checkpoint's config, as "key (old -> new)": refused (ConfigError
+    naming the key) when they fix the model, objective or data order; otherwise returned, to be
+    reported: the loop reads cadences, step limits, clipping and tracking from the new config, and
+    the optimizer takes the new lr, schedule and AdamW settings (_apply_optimizer_settings)."""
     try:
         saved = flatten(load_yaml(checkpoint_dir / "config.yaml"))
-    except Exception:  # noqa: BLE001 - only a note
-        return
+    except Exception as error:  # noqa: BLE001
+        raise CheckpointError(f"{checkpoint_dir / 'config.yaml'}: unreadable ({error}); the changes since the "
+                              "checkpoint cannot be checked") from error
     current = flatten(cfg.to_dict())
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    if changed:
-        say("config differs from the checkpoint's in: " + ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})"
-                                                                     for k in changed[:10]))
+    for key in changed:
+        why = next((w for prefix, w in FIXED_ON_RESUME.items() if key == prefix or key.startswith(prefix)), None)
+        if why is not None:
+            raise ConfigError(
+                f"--resume: {key} differs from the checkpoint's ({saved.get(key)!r} -> {current.get(key)!r}), and it "
+                f"fixes {why}, which a resumed run cannot change; resume with {key}={saved.get(key)!r}, or start a new "
+                f"run from the checkpoint's weights with train.init_from={checkpoint_dir}")
+    return [f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in changed]
+
+
+_GROUP_SETTINGS = ("betas", "eps", "weight_decay")
+
+
+def _optimizer_settings(optimizer, scheduler) -> dict:
+    """The freshly built optimizer's per-group base lr and AdamW settings (from this run's config)."""
+    inner = getattr(scheduler, "scheduler", scheduler)
+    return {"base_lrs": list(inner.base_lrs),
+            "groups": [{k: g[k] for k in _GROUP_SETTINGS if k in g} for g in optimizer.param_groups]}
+
+
+def _apply_optimizer_settings(optimizer, scheduler, fresh: dict) -> None:
+    """After loading a checkpoint: the config's lr, schedule and AdamW settings replace the saved ones
+    (the saved scheduler state would keep the old base lr; its step count is kept), so a changed
+    optim.lr, optim.schedule, optim.warmup_steps or train.max_steps reaches the optimizer."""
+    inner = getattr(scheduler, "scheduler", scheduler)
+    inner.base_lrs = list(fresh["base_lrs"])
+    step = inner.last_epoch
+    lrs = [base * factor(step) for base, factor in zip(inner.base_lrs, inner.lr_lambdas)]
+    for group, settings, base, lr in zip(optimizer.param_groups, fresh["groups"], inner.base_lrs, lrs):
+        group.update(settings, initial_lr=base, lr=lr)
+    inner._last_lr = lrs
 
 
 if __name__ == "__main__":

@@ -89,14 +89,16 @@ def test_the_trainer_warns_after_its_first_step_and_an_early_stop_reports_no_nan
 # --------------------------------------------------------------------------- shards vs processes
 def test_too_few_chunks_for_the_processes_is_named(tmp_path, pythia_toptag):
     cfg = load_config(None, ["stage=tokenizer", f"data.path={pythia_toptag}", "data.batch_size=1"])
-    loader = make_loader(cfg.data, "val", rank=0, world_size=64, seed=0, drop_uneven=True)
-    assert loader.batches_per_epoch() == 0
-    message = loader.dataset.shortfall()
-    assert "split 'val' holds 2 chunk(s)" in message and "64 process(es)" in message and "--jets-per-shard" in message
-    assert "lower data.batch_size" not in message
+    # chunks no longer bound the process count (streams share chunks by jet ranges); data.streams does
+    with pytest.raises(ValueError, match="64 processes cannot share data.streams=8 evenly"):
+        make_loader(cfg.data, "val", rank=0, world_size=64, seed=0, drop_uneven=True)
+    cfg.data.streams = 64
+    assert make_loader(cfg.data, "val", rank=63, world_size=64, seed=0, drop_uneven=True).batches_per_epoch() > 0
     cfg.data.batch_size = 10_000
     loader = make_loader(cfg.data, "val", rank=0, world_size=1, seed=0, drop_uneven=True)
-    assert "fewer jets than one batch per process (10000 x 1); lower data.batch_size" in loader.dataset.shortfall()
+    assert loader.batches_per_epoch() == 0
+    assert ("fewer than one global batch of 10000 (data.batch_size 10000 x 1 process(es) x 1 accumulation); "
+            "lower data.batch_size") in loader.dataset.shortfall()
 
 
 # --------------------------------------------------------------------------- subset evaluation

@@ -144,13 +144,72 @@ def test_resume_mid_epoch_yields_exactly_the_rest(tmp_path, num_workers):
     assert first + rest == uninterrupted
 
 
-def test_resume_refuses_other_world_size(tmp_path):
+def global_batches(tmp_path, world, per_process, accum, num_workers=0, epochs=1, state=None, **kw):
+    """The epoch's global batches as jet ids: every process's micro-batches of global batch t, rank order."""
+    per_rank = []
+    for rank in range(world):
+        ds = JetDataset(tmp_path, "train", prep(), per_process, shuffle_buffer=100, seed=7, rank=rank,
+                        world_size=world, accum=accum, drop_last=True, **kw)
+        loader = JetLoader(ds, num_workers=num_workers)
+        if state is not None:
+            loader.load_state_dict(state)
+        per_rank.append([ids_of(b) for _ in range(epochs) for b in loader])
+    steps = [[per_rank[r][i * accum : (i + 1) * accum] for r in range(world)] for i in range(len(per_rank[0]) // accum)]
+    return [[j for rank in step for micro in rank for j in micro] for step in steps]
+
+
+@pytest.mark.parametrize("world, per_process, accum, num_workers",
+                         [(2, 16, 1, 0), (4, 8, 1, 2), (1, 16, 2, 0), (2, 8, 2, 2), (8, 4, 1, 0), (1, 32, 1, 2)])
+def test_global_batches_do_not_depend_on_processes_workers_or_accumulation(tmp_path, world, per_process, accum,
+                                                                           num_workers):
+    _, written = write_dataset(tmp_path)  # 690 jets in 50-jet chunks, last chunk of each shard 30
+    reference = global_batches(tmp_path, 1, 32, 1, epochs=2)
+    assert global_batches(tmp_path, world, per_process, accum, num_workers, epochs=2) == reference
+    epoch = reference[: len(reference) // 2]
+    assert len(epoch) == 690 // 32 and all(len(b) == 32 for b in epoch)  # at most one global batch dropped
+    seen = [j for b in epoch for j in b]
+    assert len(set(seen)) == len(seen)  # no jet twice in an epoch
+
+
+@pytest.mark.parametrize("saved_world, resumed_world, num_workers", [(2, 1, 0), (1, 4, 2)])
+def test_resume_with_another_process_count_continues_the_sequence(tmp_path, saved_world, resumed_world, num_workers):
+    write_dataset(tmp_path)
+    reference = global_batches(tmp_path, 1, 48, 1, epochs=2)
+    per = 48 // saved_world
+    loaders = [JetLoader(JetDataset(tmp_path, "train", prep(), per, shuffle_buffer=100, seed=7, rank=r,
+                                    world_size=saved_world, drop_last=True), num_workers=num_workers)
+               for r in range(saved_world)]
+    states = []
+    for loader in loaders:  # 17 global batches, an epoch holds 14: past the epoch boundary
+        batches = (b for _ in range(2) for b in loader)
+        for _ in range(17):
+            next(batches)
+        states.append(json.loads(json.dumps(loader.state_dict())))
+        batches.close()
+    assert all(s == states[0] for s in states) and states[0]["epoch"] == 1  # one position for every process
+    rest = global_batches(tmp_path, resumed_world, 48 // resumed_world, 1, num_workers, epochs=1, state=states[0])
+    assert len(reference) == 28 and reference[:17] + rest == reference
+
+
+def test_resume_refuses_another_global_batch_and_uneven_streams(tmp_path):
     write_dataset(tmp_path, n_shards=1)
     loader = JetLoader(JetDataset(tmp_path, "train", prep(), 24), num_workers=0)
     state = loader.state_dict()
     other = JetLoader(JetDataset(tmp_path, "train", prep(), 24, world_size=2), num_workers=0)
-    with pytest.raises(ValueError, match="world_size"):
+    with pytest.raises(ValueError, match=r"global_batch=24 but this run has 48 .*data.batch_size x processes"):
         other.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"3 processes cannot share data.streams=8.*must divide data.streams"):
+        JetDataset(tmp_path, "train", prep(), 24, world_size=3)
+
+
+def test_small_split_is_read_whole_on_any_process_count(tmp_path):
+    """A split of one chunk, smaller than a global batch: evaluation still reads every jet once."""
+    _, written = write_dataset(tmp_path, n_shards=1, jets_per_shard=45, chunk_size=50)
+    seen = []
+    for rank in range(4):
+        ds = JetDataset(tmp_path, "train", prep(), 32, shuffle=False, rank=rank, world_size=4)
+        seen += full_epoch(JetLoader(ds, num_workers=0))
+    assert sorted(seen) == sorted(written["train"].jet[:, 0].tolist())
 
 
 def test_batch_features_match_reference_preprocessing(tmp_path):

@@ -254,7 +254,7 @@ def test_run_writes_metrics_checkpoints_summary(tmp_path, tiny_data):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000008"
     final = run_dir / "checkpoints" / "step-000008"
     state = json.loads((final / "trainer_state.json").read_text())
-    assert state["step"] == 8 and len(state["loader"]) == 1 and state["loader"][0]["epoch"] == 0
+    assert state["step"] == 8 and state["loader"]["epoch"] == 0 and state["loader"]["global_batches_done"] == 8
     assert (final / "model.safetensors").exists() and (final / "optimizer.bin").exists()
     assert load_config(final / "config.yaml").train.max_steps == 8
 

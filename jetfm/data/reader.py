@@ -1,22 +1,30 @@
-"""Reading shard sets: a resumable, rank- and worker-split, deterministic jet loader.
+"""Reading shard sets: a resumable, deterministic jet loader whose order ignores the process count.
 
-How an epoch is laid out (all of it a pure function of (seed, epoch), so every rank agrees):
+How an epoch is laid out (all of it a pure function of (seed, epoch); see `EpochPlan`):
 
-1. Every (shard, chunk) of the split is a *unit*; the unit list is permuted with rng(seed, epoch).
-2. Unit u goes to consumer u % (world_size * num_workers); consumer = rank * num_workers + worker.
-3. A consumer reads its units in *blocks* of ceil(shuffle_buffer / chunk_size) chunks, permutes the
-   jets of a block with rng(seed, epoch, consumer, block) and cuts batches from the jet stream.
+1. Every (shard, chunk) of the split is a *unit*; the unit list is permuted with rng(seed, epoch)
+   and its jets laid end to end.
+2. A fixed number S of virtual *streams* (data.streams) each take a contiguous jet range of that
+   sequence; a global batch (data.batch_size x processes x accumulation jets) is one batch from
+   every stream, stream s giving the same share of every global batch. Less than one global
+   batch per epoch is dropped (training) or read as a smaller last batch (evaluation).
+3. A stream reads its range in blocks of about shuffle_buffer / S jets and permutes each block
+   with rng(seed, epoch, stream, block).
+4. A process serves a contiguous block of S / processes streams: its part of a global batch is
+   its streams' batches in stream order, cut into train.grad_accum_steps micro-batches. Any
+   process count that divides S therefore trains on the same global batches, and the position
+   is just (epoch, global batches done): resuming with another process count or worker count
+   continues the exact sequence (the global batch must stay the same).
 
-A consumer's position is therefore just (block, offset): resuming loads one block and skips
-`offset` jets — exact and O(1), unlike replaying a streaming shuffle buffer. Each batch carries
-the position after it; `JetLoader` keeps the latest per worker and, on resume, rotates worker
-ids so the DataLoader's round-robin continues with the worker that was next.
+DataLoader workers split a process's streams among themselves; `JetLoader` puts the pieces of
+each global batch back together, so the order does not depend on the number of workers either.
 
 Reading never unpickles: tar entries are plain .npy, loaded with allow_pickle=False.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +169,15 @@ class Unit:
     n_jets: int
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Jets [lo, hi) of unit `unit` (index into the split's units): what a stream reads of a chunk."""
+
+    unit: int
+    lo: int
+    hi: int
+
+
 def split_units(manifest: Manifest, split: str) -> list[Unit]:
     units = []
     for s, shard in enumerate(manifest.shards(split)):
@@ -171,15 +188,66 @@ def split_units(manifest: Manifest, split: str) -> list[Unit]:
     return units
 
 
-def consumer_units(units: list[Unit], seed: int, epoch: int, shuffle: bool, consumer: int, n_consumers: int) -> list[Unit]:
-    order = np.random.default_rng([seed, epoch]).permutation(len(units)) if shuffle else np.arange(len(units))
-    return [units[i] for i in order[consumer::n_consumers]]
+def even_split(total: int, parts: int) -> list[int]:
+    """`total` cut into `parts` sizes differing by at most one, the larger first."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """One epoch of a split for `streams` virtual streams: a pure function of (seed, epoch), no ranks.
+
+    The epoch's units (chunks) are permuted (when shuffling) and their jets laid end to end; the
+    global batch of `global_batch` jets takes `stream_batch[s]` of them from stream s (the sizes
+    differ by at most one jet). Stream s reads the contiguous jet range that holds its share of
+    every global batch, so the streams end together and less than one global batch is dropped
+    (drop_last) or kept as a smaller last batch. A stream's range is read in blocks of
+    `block_pieces` pieces whose jets are permuted with rng(seed, epoch, stream, block).
+    """
+
+    pieces: tuple[tuple[Piece, ...], ...]  # per stream, in reading order
+    stream_batch: tuple[int, ...]  # jets of stream s in each full global batch
+    last_batch: tuple[int, ...]  # jets of stream s in the partial last global batch (all 0: none)
+    full_batches: int
+
+    @property
+    def n_batches(self) -> int:
+        return self.full_batches + (sum(self.last_batch) > 0)
+
+    def batch_size(self, stream: int, batch: int) -> int:
+        return self.stream_batch[stream] if batch < self.full_batches else self.last_batch[stream]
+
+    @classmethod
+    def build(cls, units: list[Unit], seed: int, epoch: int, shuffle: bool, streams: int, global_batch: int,
+              drop_last: bool) -> "EpochPlan":
+        order = np.random.default_rng([seed, epoch]).permutation(len(units)) if shuffle else np.arange(len(units))
+        total = sum(u.n_jets for u in units)
+        full = total // global_batch
+        stream_batch = even_split(global_batch, streams)
+        last = [0] * streams if drop_last else even_split(total - full * global_batch, streams)
+        pieces, cursor = [], 0  # cursor: position in the epoch's jets laid end to end
+        starts = np.concatenate([[0], np.cumsum([units[i].n_jets for i in order])])
+        for s in range(streams):
+            lo, hi = cursor, cursor + stream_batch[s] * full + last[s]
+            cursor = hi
+            mine = []
+            first = int(np.searchsorted(starts, lo, side="right")) - 1
+            for k in range(max(first, 0), len(order)):
+                if starts[k] >= hi:
+                    break
+                a, b = max(lo, starts[k]), min(hi, starts[k + 1])
+                if b > a:
+                    mine.append(Piece(int(order[k]), int(a - starts[k]), int(b - starts[k])))
+            pieces.append(tuple(mine))
+        return cls(tuple(pieces), tuple(stream_batch), tuple(last), full)
 
 
 class JetDataset(IterableDataset):
-    """Yields (batch arrays, (logical_worker, block, offset)) for one epoch of one rank.
+    """Yields (stream, global batch index, batch arrays) for this process's streams, one epoch.
 
-    Use through `JetLoader`, which owns epochs, workers and resume state.
+    The process serves streams [rank·k, (rank+1)·k), k = streams / world_size; in a DataLoader
+    worker w, every num_workers-th of them. Use through `JetLoader`, which assembles the global
+    batch's part of this process, cuts it into micro-batches, and owns epochs and resume state.
     """
 
     def __init__(
@@ -200,6 +268,8 @@ class JetDataset(IterableDataset):
         require_tokens: bool = False,
         cache_dir: str | Path | None = None,
         cache_gb: float | None = None,
+        streams: int = 8,
+        accum: int = 1,
     ):
         super().__init__()
         self.store = open_store(directory, cache_dir=cache_dir, cache_gb=cache_gb)
@@ -207,18 +277,26 @@ class JetDataset(IterableDataset):
         self.manifest = Manifest.load(self.store)
         self.split = split
         self.preprocessing = preprocessing
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # jets per process per micro-batch (on average)
         self.max_particles = max_particles
         self.shuffle = shuffle
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.accum = accum
+        self.streams = streams
         self.inputs = inputs
         self.drop_last = drop_last
+        if streams < 1 or streams % world_size:
+            raise ValueError(
+                f"{world_size} processes cannot share data.streams={streams} evenly: the number of processes must "
+                f"divide data.streams (set data.streams to a multiple of {world_size}, e.g. {world_size * 8}, for a "
+                "new run, or run a number of processes that divides it)")
+        self.global_batch = batch_size * world_size * accum
         self.units = split_units(self.manifest, split)
         if not self.units:
             raise DataError(f"{self.directory}: split {split!r} holds no jets")
-        self.block_chunks = max(1, math.ceil(shuffle_buffer / self.manifest.chunk_size)) if shuffle else 1
+        self.block_pieces = max(1, math.ceil(shuffle_buffer / (streams * self.manifest.chunk_size))) if shuffle else 1
         if inputs not in ("raw", "reco"):
             raise ValueError(f"data.inputs must be 'raw' or 'reco', got {inputs!r}")
         if inputs == "reco" and not self.manifest.reco_features:
@@ -239,64 +317,62 @@ class JetDataset(IterableDataset):
         # set by JetLoader before each iteration
         self.num_workers = 1
         self.epoch = 0
-        self.rotation = 0
-        self.start_positions: dict[int, tuple[int, int]] = {}
+        self.start_batch = 0
         self._indices: dict[int, ShardIndex] = {}
+        self._plans: dict[int, EpochPlan] = {}
 
-    # ------------------------------------------------------------------ per-consumer plan
-    def consumer(self, logical_worker: int) -> int:
-        return self.rank * self.num_workers + logical_worker
-
-    def plan(self, logical_worker: int, epoch: int | None = None) -> list[list[Unit]]:
+    # ------------------------------------------------------------------ the plan
+    def plan(self, epoch: int | None = None) -> EpochPlan:
         epoch = self.epoch if epoch is None else epoch
-        units = consumer_units(
-            self.units, self.seed, epoch, self.shuffle, self.consumer(logical_worker), self.world_size * self.num_workers
-        )
-        return [units[i : i + self.block_chunks] for i in range(0, len(units), self.block_chunks)]
+        if epoch not in self._plans:
+            self._plans = {epoch: EpochPlan.build(self.units, self.seed, epoch, self.shuffle, self.streams,
+                                                  self.global_batch, self.drop_last)}
+        return self._plans[epoch]
 
-    def batches_in_epoch(self, rank: int) -> int:
-        """Batches rank `rank` yields in a full epoch (identical on every rank: pure arithmetic)."""
-        total = 0
-        for w in range(self.num_workers):
-            units = consumer_units(self.units, self.seed, self.epoch, self.shuffle, rank * self.num_workers + w,
-                                   self.world_size * self.num_workers)
-            n = sum(u.n_jets for u in units)
-            total += n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-        return total
+    def my_streams(self) -> list[int]:
+        """This process's contiguous block of streams."""
+        k = self.streams // self.world_size
+        return list(range(self.rank * k, (self.rank + 1) * k))
+
+    def micro_sizes(self, batch: int, epoch: int | None = None) -> list[int]:
+        """Jets of each of this process's micro-batches of global batch `batch` (empty ones left out)."""
+        plan = self.plan(epoch)
+        part = sum(plan.batch_size(s, batch) for s in self.my_streams())
+        return [n for n in even_split(part, self.accum) if n > 0]
+
+    def batches_in_epoch(self, rank: int | None = None) -> int:
+        """Micro-batches this process yields in a full epoch (pure arithmetic)."""
+        plan = self.plan()
+        n = plan.full_batches * sum(1 for n in even_split(sum(plan.stream_batch[s] for s in self.my_streams()),
+                                                          self.accum) if n > 0)
+        return n + (len(self.micro_sizes(plan.full_batches)) if plan.n_batches > plan.full_batches else 0)
 
     def shortfall(self) -> str:
-        """Why a rank gets no batch in an epoch, in the knobs that fix it.
-
-        Chunks are the unit of work: with fewer chunks than consumers (processes x workers) some
-        consumer reads nothing, and a smaller batch cannot help.
-        """
-        consumers = self.world_size * self.num_workers
-        split = f"{self.directory}: split {self.split!r}"
-        if len(self.units) < consumers:
-            return (f"{split} holds {len(self.units)} chunk(s) (shards x chunks per shard) for {self.world_size} "
-                    f"process(es) x {self.num_workers} loader worker(s): every consumer needs at least one; "
-                    "regenerate with more shards (`jetfm data generate --jets-per-shard N`), a smaller "
-                    "`--chunk-size`, or run fewer processes / data.num_workers")
-        return (f"{split} holds fewer jets than one batch per process ({self.batch_size} x {self.world_size}); "
-                "lower data.batch_size")
+        """Why an epoch holds no batch, in the knobs that fix it."""
+        n_jets = sum(u.n_jets for u in self.units)
+        return (f"{self.directory}: split {self.split!r} holds {n_jets} jets, fewer than one global batch of "
+                f"{self.global_batch} (data.batch_size {self.batch_size} x {self.world_size} process(es) x "
+                f"{self.accum} accumulation); lower data.batch_size or train.grad_accum_steps")
 
     # ------------------------------------------------------------------ loading
-    def _prefetch(self, units: list[Unit]) -> None:
-        """Ask the store to fetch these chunks ahead (a remote store overlaps their transfer with
-        the current block's decoding; a local one ignores it)."""
+    def _prefetch(self, pieces) -> None:
+        """Ask the store to fetch these pieces' chunks ahead (a remote store overlaps their transfer
+        with the current block's decoding; a local one ignores it)."""
         shards = self.manifest.shards(self.split)
         ranges = []
-        for unit in units:
+        for piece in pieces:
+            unit = self.units[piece.unit]
             record = shards[unit.shard]
             if record.get("chunks") is not None:
                 offset, length = record["chunks"][unit.chunk]
                 ranges.append((record["path"], int(offset), int(length)))
         self.store.prefetch(ranges)
 
-    def _load_block(self, units: list[Unit], logical_worker: int, block: int):
+    def _load_block(self, pieces: tuple[Piece, ...], stream: int, block: int):
         shards = self.manifest.shards(self.split)
-        pieces = []
-        for unit in units:
+        parts = []
+        for piece in pieces:
+            unit = self.units[piece.unit]
             index = self._indices.get(unit.shard)
             if index is None:
                 index = self._indices[unit.shard] = ShardIndex(self.store, shards[unit.shard])
@@ -309,8 +385,8 @@ class JetDataset(IterableDataset):
             _check_chunk(jets, self.manifest, where)
             if len(jets) != unit.n_jets:
                 raise DataError(f"{where}: holds {len(jets)} jets, manifest implies {unit.n_jets}")
-            pieces.append(jets)
-        jets = JetArrays.concat(pieces)
+            parts.append(jets if (piece.lo, piece.hi) == (0, len(jets)) else jets.select(np.arange(piece.lo, piece.hi)))
+        jets = JetArrays.concat(parts)
         # model features for the whole block at once (vectorised), gathered per batch later;
         # computed before truncation so the jet axis is the sum of all stored constituents
         raw = particle_features(jets.part, jets.offsets, self.manifest.particle_features, self.preprocessing.names)
@@ -327,75 +403,125 @@ class JetDataset(IterableDataset):
         if self.inputs == "reco":
             x = reco
         if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch, self.consumer(logical_worker), block]).permutation(len(jets))
+            order = np.random.default_rng([self.seed, self.epoch, stream, block]).permutation(len(jets))
         else:
             order = np.arange(len(jets))
         return jets, x, reco, order
 
-    def _make_batch(self, pieces) -> dict[str, np.ndarray | int | None]:
-        """pieces: list of (jets, x, reco, jet_indices) from one or two blocks.
+    def iterate_stream(self, stream: int, start_batch: int = 0):
+        """(batch index, arrays or None when empty) of one stream from global batch `start_batch` on."""
+        for j, pieces in self.iterate_pieces(stream, start_batch):
+            yield j, (make_batch(pieces) if pieces else None)
 
-        Returns numpy arrays, not tensors: from a worker process they travel by value through
-        the pipe, which for batch-sized arrays is far cheaper than torch's shared-memory files.
-        """
-        xs, recos, tokens, counts, jet_rows, labels = [], [], [], [], [], []
-        for jets, x, reco, idx in pieces:
-            rows = jets.particle_index(idx)
-            xs.append(x[rows])
-            if reco is not None:
-                recos.append(reco[rows])
-            if jets.tokens is not None:
-                tokens.append(jets.tokens[rows])
-            counts.append(jets.offsets[idx + 1] - jets.offsets[idx])
-            jet_rows.append(jets.jet[idx])
-            labels.append(jets.label[idx])
-        counts = np.concatenate(counts)
-        cu = np.zeros(len(counts) + 1, np.int32)
-        np.cumsum(counts, out=cu[1:])
-        return {
-            "x": np.concatenate(xs),
-            "cu_seqlens": cu,
-            "max_seqlen": int(counts.max()) if len(counts) else 0,
-            "labels": np.concatenate(labels),
-            "jet": np.concatenate(jet_rows),
-            "tokens": np.concatenate(tokens).astype(np.int64) if len(tokens) == len(pieces) else None,
-            "reco": np.concatenate(recos) if len(recos) == len(pieces) else None,
-        }
-
-    def iterate_consumer(self, logical_worker: int):
-        blocks = self.plan(logical_worker)
-        block, offset = self.start_positions.get(logical_worker, (0, 0))
-        pending = []  # (jets, x, reco, indices) pieces of the batch being assembled
-        pending_jets = 0
-        while block < len(blocks):
-            self._prefetch(blocks[block] + (blocks[block + 1] if block + 1 < len(blocks) else []))
-            jets, x, reco, order = self._load_block(blocks[block], logical_worker, block)
-            while offset < len(order):
-                take = min(self.batch_size - pending_jets, len(order) - offset)
-                pending.append((jets, x, reco, order[offset : offset + take]))
-                pending_jets += take
+    def iterate_pieces(self, stream: int, start_batch: int = 0):
+        """(batch index, [(jets, x, reco, jet indices), ...]) of one stream from global batch
+        `start_batch` on: O(1) to start, the position is arithmetic (jets before it = start_batch x
+        the stream's batch size)."""
+        plan = self.plan()
+        pieces = plan.pieces[stream]
+        blocks = [pieces[i : i + self.block_pieces] for i in range(0, len(pieces), self.block_pieces)]
+        block_ends = np.cumsum([sum(p.hi - p.lo for p in b) for b in blocks]).tolist()
+        skip = plan.stream_batch[stream] * min(start_batch, plan.full_batches)
+        block = int(np.searchsorted(block_ends, skip, side="right"))
+        offset = skip - (block_ends[block - 1] if block else 0)
+        loaded = None
+        for j in range(start_batch, plan.n_batches):
+            want, batch = plan.batch_size(stream, j), []
+            while want:
+                if loaded is None or loaded[0] != block:
+                    self._prefetch([*blocks[block], *(blocks[block + 1] if block + 1 < len(blocks) else ())])
+                    loaded = (block, *self._load_block(blocks[block], stream, block))
+                _, jets, x, reco, order = loaded
+                take = min(want, len(order) - offset)
+                batch.append((jets, x, reco, order[offset : offset + take]))
+                want -= take
                 offset += take
-                if pending_jets == self.batch_size:
-                    position = (block, offset) if offset < len(order) else (block + 1, 0)
-                    yield self._make_batch(pending), (logical_worker, *position)
-                    pending, pending_jets = [], 0
-            block, offset = block + 1, 0
-        if pending_jets and not self.drop_last:
-            yield self._make_batch(pending), (logical_worker, len(blocks), 0)
+                if offset == len(order):
+                    block, offset = block + 1, 0
+            yield j, batch
 
     def __iter__(self):
+        """(stream, batch, arrays), batch-major, for this process's streams (a worker's share of them)."""
+        streams = self.my_streams()
         info = get_worker_info()
-        if info is None:
-            for w in range(self.num_workers):  # num_workers == 1 in the main process
-                yield from self.iterate_consumer(w)
-            return
-        torch.set_num_threads(1)
-        yield from self.iterate_consumer((info.id + self.rotation) % self.num_workers)
+        if info is not None:
+            torch.set_num_threads(1)
+            streams = streams[info.id :: info.num_workers]
+        iterators = [(s, self.iterate_stream(s, self.start_batch)) for s in streams]
+        for _ in range(self.start_batch, self.plan().n_batches):
+            for s, iterator in iterators:
+                j, arrays = next(iterator)
+                yield s, j, arrays
 
 
-def _keep_numpy(item):
-    """DataLoader collate: pass numpy through (the default would convert in the worker)."""
-    return item
+def make_batch(pieces) -> dict[str, np.ndarray | int | None]:
+    """pieces: list of (jets, x, reco, jet_indices) from one or more blocks.
+
+    Returns numpy arrays, not tensors: from a worker process they travel by value through the
+    pipe, which for batch-sized arrays is far cheaper than torch's shared-memory files.
+    """
+    xs, recos, tokens, counts, jet_rows, labels = [], [], [], [], [], []
+    for jets, x, reco, idx in pieces:
+        rows = jets.particle_index(idx)
+        xs.append(x[rows])
+        if reco is not None:
+            recos.append(reco[rows])
+        if jets.tokens is not None:
+            tokens.append(jets.tokens[rows])
+        counts.append(jets.offsets[idx + 1] - jets.offsets[idx])
+        jet_rows.append(jets.jet[idx])
+        labels.append(jets.label[idx])
+    return _packed(xs, counts, labels, jet_rows, tokens if len(tokens) == len(pieces) else None,
+                   recos if len(recos) == len(pieces) else None)
+
+
+def _packed(xs, counts, labels, jet_rows, tokens, recos) -> dict:
+    counts = np.concatenate(counts)
+    cu = np.zeros(len(counts) + 1, np.int32)
+    np.cumsum(counts, out=cu[1:])
+    return {
+        "x": np.concatenate(xs),
+        "cu_seqlens": cu,
+        "max_seqlen": int(counts.max()) if len(counts) else 0,
+        "labels": np.concatenate(labels),
+        "jet": np.concatenate(jet_rows),
+        "tokens": None if tokens is None else np.concatenate(tokens).astype(np.int64),
+        "reco": None if recos is None else np.concatenate(recos),
+    }
+
+
+def cut_pieces(pieces: list, sizes: list[int]) -> list[list]:
+    """Pieces (jets, x, reco, jet indices) laid end to end, cut into groups of `sizes` jets."""
+    out, queue = [], list(pieces)
+    for n in sizes:
+        group = []
+        while n:
+            jets, x, reco, idx = queue.pop(0)
+            if len(idx) > n:
+                queue.insert(0, (jets, x, reco, idx[n:]))
+                idx = idx[:n]
+            group.append((jets, x, reco, idx))
+            n -= len(idx)
+        out.append(group)
+    return out
+
+
+def concat_and_cut(parts: list[dict], sizes: list[int]) -> list[dict]:
+    """Stream batches laid end to end (stream order), cut into micro-batches of `sizes` jets."""
+    counts = np.concatenate([np.diff(p["cu_seqlens"]) for p in parts])
+    x = np.concatenate([p["x"] for p in parts])
+    labels = np.concatenate([p["labels"] for p in parts])
+    jet = np.concatenate([p["jet"] for p in parts])
+    tokens = np.concatenate([p["tokens"] for p in parts]) if all(p["tokens"] is not None for p in parts) else None
+    reco = np.concatenate([p["reco"] for p in parts]) if all(p["reco"] is not None for p in parts) else None
+    rows = np.concatenate([[0], np.cumsum(counts)])
+    out, lo = [], 0
+    for n in sizes:
+        a, b = rows[lo], rows[lo + n]
+        out.append(_packed([x[a:b]], [counts[lo : lo + n]], [labels[lo : lo + n]], [jet[lo : lo + n]],
+                           None if tokens is None else [tokens[a:b]], None if reco is None else [reco[a:b]]))
+        lo += n
+    return out
 
 
 def to_jet_batch(arrays: dict) -> JetBatch:
@@ -406,86 +532,157 @@ def to_jet_batch(arrays: dict) -> JetBatch:
                     reco=tensor(arrays["reco"]))
 
 
+def _keep_numpy(item):
+    """DataLoader collate: pass numpy through (the default would convert in the worker)."""
+    return item
+
+
+def _worker_init(parent_pid: int, worker_id: int) -> None:
+    """A worker dies with the training process: PR_SET_PDEATHSIG (Linux) delivers SIGKILL to the
+    worker when its parent exits, however it exits (SIGKILL included); elsewhere, or if the parent
+    is already gone, the worker leaves at once. SIGTERM/SIGINT sent to the whole process group (a
+    pre-empted SLURM step, Ctrl-C) are the trainer's to handle: it checkpoints, then exits, and
+    the workers go with it."""
+    import ctypes
+    import os
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # died between fork and prctl
+        os._exit(1)
+
+
 class JetLoader:
     """Epochs, DataLoader workers and the resume state of a JetDataset.
 
-    `for batch in loader` runs the rest of the current epoch, then advances `loader.epoch`.
-    With `drop_uneven`, every rank stops after the same number of batches (the minimum over
-    ranks), so DDP ranks never wait on each other at the end of an epoch.
+    `for batch in loader` runs the rest of the current epoch, then advances `loader.epoch`. Each
+    global batch of the epoch becomes this process's micro-batches: its streams' batches laid end
+    to end in stream order and cut into `accum` near-equal pieces, so any process count that
+    divides the number of streams (with equal data.batch_size x processes x accumulation) sees
+    the same global batches. The state is (epoch, global batches done): independent of the
+    process count and of the workers; exact with any number of workers (they never draw from
+    the global RNG: the DataLoader gets its own generator).
     """
 
     def __init__(self, dataset: JetDataset, num_workers: int = 0, drop_uneven: bool = False, prefetch_factor: int = 4):
         self.dataset = dataset
         self.num_workers = num_workers
-        self.drop_uneven = drop_uneven
+        self.drop_uneven = drop_uneven  # kept for callers: every process yields the same count by construction
         self.prefetch_factor = prefetch_factor
         dataset.num_workers = max(1, num_workers)
         self.epoch = 0
         self._reset_epoch_state()
 
     def _reset_epoch_state(self):
-        self.positions: dict[int, tuple[int, int]] = {}
-        self.next_worker = 0
-        self.batches_done = 0
+        self.global_done = 0  # global batches fully consumed this epoch
+        self.micro_done = 0  # micro-batches of the current global batch consumed
+        self.batches_done = 0  # micro-batches consumed this epoch (for the epoch fraction)
 
     def batches_per_epoch(self) -> int:
         self.dataset.epoch = self.epoch
-        if self.drop_uneven:
-            return min(self.dataset.batches_in_epoch(r) for r in range(self.dataset.world_size))
-        return self.dataset.batches_in_epoch(self.dataset.rank)
+        return self.dataset.batches_in_epoch()
+
+    def _global_batches(self, ds: JetDataset):
+        """(global batch index, this process's micro-batches as arrays), from global_done on."""
+        streams, first, n = ds.my_streams(), self.global_done, ds.plan().n_batches
+        if self.num_workers == 0:  # pieces of every stream straight into the micro-batches: one copy
+            iterators = [ds.iterate_pieces(s, first) for s in streams]
+            for j in range(first, n):
+                pieces = [p for it in iterators for p in next(it)[1]]
+                yield j, [make_batch(group) for group in cut_pieces(pieces, ds.micro_sizes(j))]
+            return
+        # workers send each stream's batch (tagged); put every global batch's part together in stream order
+        source = self._source(ds)
+        pending: dict[int, dict[int, dict | None]] = {}
+        try:
+            for j in range(first, n):
+                while len(pending.get(j, ())) < len(streams):
+                    s, jj, arrays = next(source)
+                    pending.setdefault(jj, {})[s] = arrays
+                parts = [pending[j][s] for s in streams if pending[j][s] is not None]
+                del pending[j]
+                yield j, concat_and_cut(parts, ds.micro_sizes(j)) if parts else []
+        finally:
+            del source  # shuts the workers down
+
+    def _source(self, ds: JetDataset):
+        import os
+
+        generator = torch.Generator().manual_seed(ds.seed)  # the DataLoader's seed draw leaves the global RNG alone
+        return iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_keep_numpy,
+                               prefetch_factor=self.prefetch_factor, persistent_workers=False, generator=generator,
+                               worker_init_fn=functools.partial(_worker_init, os.getpid())))
 
     def __iter__(self) -> Iterator[JetBatch]:
         ds = self.dataset
         ds.epoch = self.epoch
-        ds.rotation = self.next_worker
-        ds.start_positions = dict(self.positions)
-        cap = self.batches_per_epoch() if self.drop_uneven else None
-        if self.num_workers > 0:
-            source = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_keep_numpy,
-                                prefetch_factor=self.prefetch_factor, persistent_workers=False)
-        else:
-            source = ds
-        if cap is None or self.batches_done < cap:
-            for arrays, (worker, block, offset) in source:
-                self.positions[worker] = (block, offset)
-                self.next_worker = (worker + 1) % ds.num_workers
+        ds.start_batch = self.global_done
+        for j, micro in self._global_batches(ds):
+            if not micro:
+                self.global_done = j + 1
+            for arrays in micro[self.micro_done :]:
+                # the position after this batch, set before handing it out (a checkpoint comes after a step)
+                self.micro_done += 1
                 self.batches_done += 1
+                if self.micro_done == len(micro):
+                    self.global_done, self.micro_done = j + 1, 0
                 yield to_jet_batch(arrays)
-                if cap is not None and self.batches_done >= cap:
-                    break
         self.epoch += 1
         self._reset_epoch_state()
 
     def state_dict(self) -> dict:
+        """The data position, the same on every process: a run resumes it with any process count."""
+        ds = self.dataset
         return {
             "epoch": self.epoch,
-            "positions": {str(k): list(v) for k, v in self.positions.items()},
-            "next_worker": self.next_worker,
-            "batches_done": self.batches_done,
-            "seed": self.dataset.seed,
-            "world_size": self.dataset.world_size,
-            "num_workers": self.num_workers,
-            "split": self.dataset.split,
+            "global_batches_done": self.global_done,
+            "micro_batches_done": self.micro_done,
+            "micro_layout": [ds.world_size, ds.accum],  # what micro_batches_done counts in
+            "seed": ds.seed,
+            "streams": ds.streams,
+            "global_batch": ds.global_batch,
+            "split": ds.split,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key, mine in (("seed", self.dataset.seed), ("world_size", self.dataset.world_size),
-                          ("num_workers", self.num_workers), ("split", self.dataset.split)):
+        ds = self.dataset
+        if "streams" not in state:
+            raise ValueError("loader state was saved by an older jetfm (per-process data positions); resume it with "
+                             "that version, or start a new run from its weights (train.init_from=CHECKPOINT)")
+        for key, mine, knob in (("seed", ds.seed, "seed"), ("streams", ds.streams, "data.streams"),
+                                ("split", ds.split, "data.train_split"),
+                                ("global_batch", ds.global_batch,
+                                 "the global batch, data.batch_size x processes x train.grad_accum_steps")):
             if state.get(key) != mine:
                 raise ValueError(
-                    f"loader state was saved with {key}={state.get(key)!r} but this run has {key}={mine!r}; "
-                    "the same data order cannot be continued (start a new run, or resume with the same setting)"
-                )
+                    f"loader state was saved with {key}={state.get(key)!r} but this run has {mine!r} ({knob}); the "
+                    "same data order cannot be continued: resume with the same value, or start a new run from "
+                    "its weights (train.init_from=CHECKPOINT)")
+        micro = int(state.get("micro_batches_done", 0))
+        if micro and list(state.get("micro_layout", [])) != [ds.world_size, ds.accum]:
+            raise ValueError("loader state was saved inside a global batch by another process count or accumulation; "
+                             "it resumes only with the same ones")
         self.epoch = int(state["epoch"])
-        self.positions = {int(k): tuple(v) for k, v in state["positions"].items()}
-        self.next_worker = int(state["next_worker"])
-        self.batches_done = int(state["batches_done"])
+        self.global_done = int(state["global_batches_done"])
+        self.micro_done = micro
+        ds.epoch = self.epoch
+        self.batches_done = sum(len(ds.micro_sizes(j)) for j in range(self.global_done)) + micro
 
 
 def make_loader(data_cfg, split: str, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                 shuffle: bool = True, drop_uneven: bool = False, require_tokens: bool = False,
-                batch_size: int | None = None) -> JetLoader:
-    """Build the loader a stage trains or evaluates on, from the config's `data` section."""
+                batch_size: int | None = None, accum: int = 1) -> JetLoader:
+    """Build the loader a stage trains or evaluates on, from the config's `data` section.
+
+    drop_uneven drops the epoch's partial last global batch (training); without it the last
+    global batch is smaller (evaluation reads every jet).
+    """
     preprocessing = Preprocessing.from_config(data_cfg.features) if isinstance(data_cfg.features, dict) else data_cfg.features
     dataset = JetDataset(
         data_cfg.path,
@@ -503,5 +700,7 @@ def make_loader(data_cfg, split: str, *, rank: int = 0, world_size: int = 1, see
         require_tokens=require_tokens,
         cache_dir=getattr(data_cfg, "cache_dir", None),
         cache_gb=getattr(data_cfg, "cache_gb", None),
+        streams=getattr(data_cfg, "streams", 8),
+        accum=accum,
     )
     return JetLoader(dataset, num_workers=data_cfg.num_workers, drop_uneven=drop_uneven)
