@@ -169,11 +169,12 @@ def test_batches_over_http_equal_the_directory(tmp_path, serve, workers):
     server = serve(tmp_path)
     local = all_batches(loader(tmp_path, workers=workers))  # worker processes fetch their own chunks
     assert_same_batches(all_batches(loader(server.url, workers=workers)), local)
-    # one range request per chunk, each exactly the chunk's recorded bytes: no shard is fetched whole
+    # every request is exactly one chunk's recorded bytes (no shard is fetched whole), every chunk is
+    # fetched, and only a chunk on the boundary of two streams (data.streams, default 8) twice
     spans = {(f"/{s['path']}", f"bytes={o}-{o + n - 1}") for s in Manifest.load(tmp_path).shards("train")
              for o, n in s["chunks"]}
     tar_requests = [r for r in server.requests if r[0].endswith(".tar")]
-    assert set(tar_requests) == spans and len(tar_requests) == len(spans)
+    assert set(tar_requests) == spans and len(spans) <= len(tar_requests) <= len(spans) + 8 - 1
 
 
 def test_file_url_and_old_manifest_without_byte_spans(tmp_path, serve):
@@ -195,6 +196,7 @@ def test_resume_mid_epoch_over_http_equals_uninterrupted(tmp_path, serve):
     write_dataset(tmp_path)
     server = serve(tmp_path)
     full = all_batches(loader(server.url))
+    epoch_requests = len([r for r in server.requests if r[0].endswith(".tar")])
     first = loader(server.url)
     head = []
     for batch in first:
@@ -207,9 +209,8 @@ def test_resume_mid_epoch_over_http_equals_uninterrupted(tmp_path, serve):
     second.load_state_dict(state)
     tail = all_batches(second)
     assert_same_batches(head + tail, full)
-    # the resumed stream starts at its chunk: it fetches fewer chunks than a whole epoch
-    n_chunks = sum(s["n_chunks"] for s in Manifest.load(tmp_path).shards("train"))
-    assert 0 < len([r for r in server.requests if r[0].endswith(".tar")]) < n_chunks
+    # the resumed streams start at their chunks: fewer fetches than a whole epoch's
+    assert 0 < len([r for r in server.requests if r[0].endswith(".tar")]) < epoch_requests
 
 
 def test_training_over_http_gives_the_directory_losses(tmp_path, serve):

@@ -355,7 +355,7 @@ class JetDataset(IterableDataset):
                 f"{self.accum} accumulation); lower data.batch_size or train.grad_accum_steps")
 
     # ------------------------------------------------------------------ loading
-    def _prefetch(self, pieces) -> None:
+    def _prefetch(self, pieces, stream: int) -> None:
         """Ask the store to fetch these pieces' chunks ahead (a remote store overlaps their transfer
         with the current block's decoding; a local one ignores it)."""
         shards = self.manifest.shards(self.split)
@@ -366,7 +366,7 @@ class JetDataset(IterableDataset):
             if record.get("chunks") is not None:
                 offset, length = record["chunks"][unit.chunk]
                 ranges.append((record["path"], int(offset), int(length)))
-        self.store.prefetch(ranges)
+        self.store.prefetch(ranges, owner=stream)
 
     def _load_block(self, pieces: tuple[Piece, ...], stream: int, block: int):
         shards = self.manifest.shards(self.split)
@@ -429,7 +429,7 @@ class JetDataset(IterableDataset):
             want, batch = plan.batch_size(stream, j), []
             while want:
                 if loaded is None or loaded[0] != block:
-                    self._prefetch([*blocks[block], *(blocks[block + 1] if block + 1 < len(blocks) else ())])
+                    self._prefetch([*blocks[block], *(blocks[block + 1] if block + 1 < len(blocks) else ())], stream)
                     loaded = (block, *self._load_block(blocks[block], stream, block))
                 _, jets, x, reco, order = loaded
                 take = min(want, len(order) - offset)

@@ -104,9 +104,10 @@ class ShardStore:
     def exists(self, relpath: str) -> bool:
         raise NotImplementedError
 
-    def prefetch(self, ranges: list[tuple[str, int, int]]) -> None:
+    def prefetch(self, ranges: list[tuple[str, int, int]], owner: int = 0) -> None:
         """Hint that read_range(*r) for each r in `ranges` comes soon, in this order (a remote store
-        starts fetching them now; each call replaces the previous hint)."""
+        starts fetching them now; each call replaces the previous hint of the same `owner`, e.g. one
+        data stream of several read by this process)."""
 
     def __str__(self) -> str:
         return str(self.root)
@@ -222,17 +223,18 @@ class RemoteStore(ShardStore):
         self._pid = os.getpid()
         self._pool = None
         self._ahead: dict[tuple[str, int, int], object] = {}  # read-ahead futures, oldest first
+        self._hints: dict[int, list[tuple[str, int, int]]] = {}  # owner -> the ranges it asked for
 
     def __getstate__(self):  # DataLoader workers build their own client (sessions do not cross processes)
         state = dict(self.__dict__)
-        state.update(_fs=None, _pool=None, _ahead={})
+        state.update(_fs=None, _pool=None, _ahead={}, _hints={})
         return state
 
     def _forked(self) -> bool:
         """True once in a new process (a forked DataLoader worker): clients and threads are rebuilt."""
         if self._pid == os.getpid():
             return False
-        self._pid, self._fs, self._pool, self._ahead = os.getpid(), None, None, {}
+        self._pid, self._fs, self._pool, self._ahead, self._hints = os.getpid(), None, None, {}, {}
         return True
 
     @property
@@ -300,15 +302,17 @@ class RemoteStore(ShardStore):
     #: chunks fetched ahead at most (a block of the reader's plan is ~10: a few MB held)
     MAX_AHEAD = 32
 
-    def prefetch(self, ranges: list[tuple[str, int, int]]) -> None:
+    def prefetch(self, ranges: list[tuple[str, int, int]], owner: int = 0) -> None:
         """Fetch the first MAX_AHEAD of `ranges` in background threads, so their transfer overlaps
         the decoding of the chunks before them (request latency is hidden, not only bandwidth
-        shared). Fetches no longer asked for are dropped: memory holds at most MAX_AHEAD chunks."""
+        shared). Each owner (a data stream) has its own hint: fetches no longer asked for by any
+        owner are dropped, so memory holds at most MAX_AHEAD chunks per stream of this process."""
         self._forked()
         if self.cache is not None:
             return
-        wanted = [tuple(r) for r in ranges[: self.MAX_AHEAD]]
-        for key in set(self._ahead) - set(wanted):
+        wanted = self._hints[owner] = [tuple(r) for r in ranges[: self.MAX_AHEAD]]
+        still_wanted = {key for hint in self._hints.values() for key in hint}
+        for key in set(self._ahead) - still_wanted:
             self._ahead.pop(key).cancel()
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
