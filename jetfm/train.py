@@ -430,7 +430,7 @@ def train_step(run: Run, batches: Iterator, window: Window) -> Diverged | None:
     metric_sums: dict[str, Any] = {}
     jets = particles = 0
     micro = [next(batches).to(accelerator.device, non_blocking=True) for _ in range(accum)]
-    norms = loss_norms(run.unwrapped, micro, accelerator, step_seed(cfg.seed, run.step + 1), cfg.data.batch_size)
+    norms = loss_norms(run.unwrapped, micro, accelerator, step_seed(cfg.seed, run.step + 1))
     for batch, norm in zip(micro, norms):
         with accelerator.accumulate(model):
             out = model(batch) if norm is None else model(batch, norm=norm)
@@ -468,14 +468,15 @@ def train_step(run: Run, batches: Iterator, window: Window) -> Diverged | None:
     return None
 
 
-def loss_norms(unwrapped, micro: list, accelerator, mask_seed: int, batch_size: int) -> list[LossNorm | None]:
+def loss_norms(unwrapped, micro: list, accelerator, mask_seed: int) -> list[LossNorm | None]:
     """One LossNorm per micro-batch of a step, from the stage's `loss_counts(batch)` hook (None
     each if it has none: its forward then normalises per micro-batch).
 
     The counts of every micro-batch of every process are added in one all-reduce before any
     forward; each denominator is that global count / (processes x micro-batches), see LossNorm.
-    A jet's place in the global batch (for its MPM mask) is taken as rank-major: process r's
-    micro-batch i starts at (r x micro-batches + i) x batch_size.
+    A jet's place in the global batch (for its MPM mask) is rank-major, from the jet counts of every
+    micro-batch of every process, gathered on the host (micro-batches may differ by a jet: the data
+    streams split a global batch as evenly as they can), so a split never moves a jet.
     """
     counts_of = getattr(unwrapped, "loss_counts", None)
     if counts_of is None:
@@ -490,7 +491,15 @@ def loss_norms(unwrapped, micro: list, accelerator, mask_seed: int, batch_size: 
     # an objective with no prediction anywhere has a zero sum: any positive denominator keeps it 0
     denominators = dict(zip(names, (total.clamp(min=1) / (world * accum)).unbind()))
     rank = accelerator.process_index
-    return [LossNorm(denominators, mask_seed, (rank * accum + i) * batch_size) for i in range(len(micro))]
+    jets = torch.tensor([batch.num_jets for batch in micro], dtype=torch.int64)  # host ints: no device sync
+    if world > 1:
+        import torch.distributed as dist
+
+        every = [torch.empty_like(jets) for _ in range(world)]
+        dist.all_gather(every, jets, group=host_group())
+        jets = torch.cat(every)
+    offsets = [0, *torch.cumsum(jets, 0).tolist()]
+    return [LossNorm(denominators, mask_seed, offsets[rank * accum + i]) for i in range(len(micro))]
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -627,7 +636,7 @@ def validate(model, unwrapped, loader, start_state, evaluate, cfg: Config, accel
             # the mean loss, per prediction over every batch of every process (the same masks and
             # normalisation as training: the stage's loss_counts hook, one denominator for the lot)
             batches = list(batches)
-            norms = loss_norms(unwrapped, batches, accelerator, step_seed(cfg.seed, 0), cfg.data.batch_size)
+            norms = loss_norms(unwrapped, batches, accelerator, step_seed(cfg.seed, 0))
             counted = bool(norms) and norms[0] is not None
             # with norms every batch's loss is its share of the mean: over all batches and processes they
             # add up to (processes x batches) x the per-prediction mean; without, losses are weighted per jet
@@ -773,6 +782,21 @@ def _epochs_done(loader) -> float:
     return round(loader.epoch + loader.batches_done / max(1, loader.batches_per_epoch()), 4)
 
 
+_HOST_GROUPS: dict = {}
+
+
+def host_group():
+    """The process group for small host-side collectives: the default one when it is gloo, else a
+    second, gloo group (created on first use: a collective call, made by every process in step)."""
+    import torch.distributed as dist
+
+    if "gloo" in str(dist.get_backend()):
+        return None
+    if "gloo" not in _HOST_GROUPS:
+        _HOST_GROUPS["gloo"] = dist.new_group(backend="gloo")
+    return _HOST_GROUPS["gloo"]
+
+
 def make_stop_vote(accelerator) -> Callable[[bool], bool]:
     """`vote(received) -> bool`: whether any process got SIGTERM/SIGINT, agreed on every step.
 
@@ -783,7 +807,7 @@ def make_stop_vote(accelerator) -> Callable[[bool], bool]:
         return lambda received: received
     import torch.distributed as dist
 
-    group = None if "gloo" in str(dist.get_backend()) else dist.new_group(backend="gloo")  # collective
+    group = host_group()  # collective the first time
 
     def vote(received: bool) -> bool:
         flag = torch.tensor([1.0 if received else 0.0])
