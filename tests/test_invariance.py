@@ -103,7 +103,7 @@ def _worker(rank: int, world: int, port: int, out_file: str) -> None:
                 model = accelerator.prepare(_model(objective))
                 unwrapped = accelerator.unwrap_model(model)
                 micro = [full] if name == "1x_2b" else halves if accum == 2 else [halves[rank]]
-                norms = loss_norms(unwrapped, micro, accelerator, step_seed(0, 1), B)
+                norms = loss_norms(unwrapped, micro, accelerator, step_seed(0, 1))
                 window, metric_sums, loss_sum = Window(accelerator.device, first_step=1), {}, 0.0
                 for batch, norm in zip(micro, norms):
                     with accelerator.accumulate(model):
