@@ -31,6 +31,7 @@ from .batch import JetBatch
 from .features import Preprocessing, particle_features
 from .format import DataError, JetArrays, decode_chunk
 from .shards import Manifest
+from .subset import subset_units
 
 
 # --------------------------------------------------------------------------- raw chunk access
@@ -182,6 +183,7 @@ class JetDataset(IterableDataset):
         inputs: str = "raw",
         drop_last: bool = False,
         require_tokens: bool = False,
+        subset_jets: int | None = None,
     ):
         super().__init__()
         self.directory = Path(directory)
@@ -196,7 +198,7 @@ class JetDataset(IterableDataset):
         self.world_size = world_size
         self.inputs = inputs
         self.drop_last = drop_last
-        self.units = split_units(self.manifest, split)
+        self.units = subset_units(split_units(self.manifest, split), subset_jets, where=f"{self.directory}: split {split!r}")
         if not self.units:
             raise DataError(f"{self.directory}: split {split!r} holds no jets")
         self.block_chunks = max(1, math.ceil(shuffle_buffer / self.manifest.chunk_size)) if shuffle else 1
@@ -468,5 +470,6 @@ def make_loader(data_cfg, split: str, *, rank: int = 0, world_size: int = 1, see
         inputs=getattr(data_cfg, "inputs", "raw"),
         drop_last=drop_uneven,
         require_tokens=require_tokens,
+        subset_jets=getattr(data_cfg, "train_jets", None) if split == data_cfg.train_split else None,
     )
     return JetLoader(dataset, num_workers=data_cfg.num_workers, drop_uneven=drop_uneven)
