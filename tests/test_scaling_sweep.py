@@ -1,0 +1,84 @@
+"""`jetfm sweep pretrain` end to end: a 2 x 2 study (tiny sizes, 2 steps) with a parent MLflow run,
+a tagged child run per point, the fit files; a rerun skips finished points; --dry-run plans only."""
+
+import json
+
+import pytest
+import yaml
+from accelerate.state import AcceleratorState, GradientState
+from test_scaling_trainer import tokens  # noqa: F401 - the module's tokenized shard set fixture
+
+from jetfm import sweep
+
+LADDER = {"sizes": {"a": {"dim": 8, "num_blocks": 1, "num_heads": 1, "head_blocks": 1},
+                    "b": {"dim": 16, "num_blocks": 1, "num_heads": 2, "head_blocks": 1}}}
+
+
+def study_args(tmp_path, tokens, *extra):  # noqa: F811
+    from test_trainer import tiny_config
+
+    base = tiny_config(tmp_path, tokens, name="base", builder=None, objective={"name": "joint"},
+                       model={"dim": 16, "num_heads": 2, "num_blocks": 1, "head_blocks": 1, "dropout": 0.0},
+                       data={"path": str(tokens), "batch_size": 8, "shuffle_buffer": 8},
+                       train={"eval_every": 2, "eval_batches": 1, "log_every": 1},
+                       tracking={"enabled": True})
+    ladder = tmp_path / "ladder.yaml"
+    ladder.write_text(yaml.safe_dump(LADDER))
+    return ["pretrain", "--base", str(base), "--ladder", str(ladder), "--sizes", "a,b", "--train-jets", "16,48",
+            "--steps", "2", "--out", str(tmp_path / "study"), "--bootstrap", "0", *extra]
+
+
+def test_a_2x2_study_runs_tracks_fits_and_resumes(tmp_path, tokens, capsys):  # noqa: F811
+    import mlflow
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    assert sweep.main(study_args(tmp_path, tokens)) == 0
+    out = tmp_path / "study"
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in (out / "runs").glob("*/summary.json")}
+    assert sorted(summaries) == ["a-D16-s2", "a-D48-s2", "b-D16-s2", "b-D48-s2"]
+    for name, summary in summaries.items():
+        scaling = summary["scaling"]
+        assert summary["status"] == "completed" and scaling["size"] == name[0] and scaling["flops"] > 0
+        assert scaling["unique_jets"] == (16 if "D16" in name else 48) and scaling["jets_seen"] == 16
+    assert summaries["a-D16-s2"]["scaling"]["N"] < summaries["b-D16-s2"]["scaling"]["N"]
+    fit = json.loads((out / "fit" / "fit.json").read_text())
+    assert set(fit["objectives"]) == {"ntp", "mpm"} and (out / "fit" / "study.md").exists()
+
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    parent = json.loads((out / "study.json").read_text())["parent_run_id"]
+    children = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(r.info.run_name for r in children) == sorted(summaries)
+    for run in children:
+        tags, name = run.data.tags, run.info.run_name
+        assert tags["jetfm.size"] == name[0] and tags["jetfm.D"] == name.split("-")[1][1:]
+        assert tags["jetfm.N"] == str(summaries[name]["scaling"]["N"]) and tags["jetfm.objective"] == "joint"
+        assert run.data.metrics["compute/flops"] == pytest.approx(summaries[name]["scaling"]["flops"], rel=1e-6)
+    assert "fit" in [a.path for a in client.list_artifacts(parent)]
+
+    # rerun: every point is skipped, the same parent run
+    capsys.readouterr()
+    assert sweep.main(study_args(tmp_path, tokens)) == 0
+    assert capsys.readouterr().err.count("finished, skipped") == 4
+    assert json.loads((out / "study.json").read_text())["parent_run_id"] == parent
+
+
+def test_dry_run_prints_the_grid_and_trains_nothing(tmp_path, tokens, capsys):  # noqa: F811
+    assert sweep.main(study_args(tmp_path, tokens, "--dry-run", "--measure-steps", "1")) == 0
+    text = capsys.readouterr().out
+    for name in ("a-D16-s2", "a-D48-s2", "b-D16-s2", "b-D48-s2"):
+        assert name in text
+    assert "4 points, about" in text and not (tmp_path / "study" / "runs").exists()
+
+
+def test_budgets_set_the_steps_and_bad_grids_are_refused(tmp_path, tokens, capsys):  # noqa: F811
+    assert sweep.main(study_args(tmp_path, tokens, "--steps", "1", "--budgets", "1e9")) == 2
+    assert "exactly one of --steps and --budgets" in capsys.readouterr().err
+    args = study_args(tmp_path, tokens, "--dry-run", "--measure-steps", "0")
+    args[args.index("--steps"):args.index("--steps") + 2] = ["--budgets", "1e8,1e9"]
+    assert sweep.main(args) == 0
+    text = capsys.readouterr().out
+    assert "a-D16-C1e08" in text and "b-D48-C1e09" in text
+    args = study_args(tmp_path, tokens, "--sizes", "a,zz")
+    assert sweep.main(args) == 2 and "'zz'" in capsys.readouterr().err
