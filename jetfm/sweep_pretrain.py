@@ -4,14 +4,16 @@ budgets) through the one trainer, then the L(N, D) fit and its report.
     jetfm sweep pretrain --base configs/small/joint.yaml --data data/toptag-tokens \\
         --ladder configs/scaling/ladder.yaml --sizes xxs,xs,s,m --train-jets 2000,6000,12000 \\
         --steps 200 --out runs/scaling [--runner local|parallel|slurm] [--parallel 2] [--dry-run]
+    jetfm sweep pretrain ... --epochs 1               # steps per point: one pass over its subset
     jetfm sweep pretrain ... --budgets 1e12,1e13      # steps per point from a compute budget (FLOPs)
 
 The grid. Each `--sizes` entry is a ladder size (configs/scaling/ladder.yaml: model overrides of
 the base config), each `--train-jets` a nested training subset (`data.train_jets`,
 jetfm/data/subset.py: D1 ⊂ D2 ⊂ …, validation always on the whole held-out split). Per point
-either `--steps` optimizer steps, or, with `--budgets`, as many steps as the budget buys at the
-point's analytic FLOPs per step (jetfm/scaling/flops.py, measured on the first batches of its
-subset). `--set key=value` overrides the base config of every point.
+one of: `--steps` optimizer steps; `--epochs E` passes over its subset (steps = ceil(E x subset
+jets / global batch): the data-scaling design, where D grows with the subset and nothing
+repeats at E <= 1); or, with `--budgets`, as many steps as the budget buys at the point's
+analytic FLOPs per step (jetfm/scaling/flops.py, measured on the first batches of its subset). `--set key=value` overrides the base config of every point.
 
 Points. Each point's resolved config is written to OUT/configs/<point>.yaml and trained into
 OUT/runs/<point> by `python jetfm/train.py --config OUT/configs/<point>.yaml --resume auto` — in
@@ -62,18 +64,30 @@ class Point:
     train_jets: int
     steps: int | None = None
     budget: float | None = None
+    epochs: float | None = None
 
     @property
     def name(self) -> str:
-        plan = f"s{self.steps}" if self.budget is None else f"C{self.budget:.0e}".replace("+", "")
+        if self.budget is not None:
+            plan = f"C{self.budget:.0e}".replace("+", "")
+        else:
+            plan = f"s{self.steps}" if self.epochs is None else f"e{self.epochs:g}"
         return f"{self.size}-D{self.train_jets}-{plan}"
 
 
-def plan_points(sizes: list[str], train_jets: list[int], steps: int | None, budgets: list[float]) -> list[Point]:
-    """The grid: sizes x training subsets x (one step count | each budget)."""
-    if (steps is None) == (not budgets):
-        raise ValueError("give exactly one of --steps and --budgets")
-    plans = [dict(steps=steps)] if steps is not None else [dict(budget=b) for b in budgets]
+def plan_points(sizes: list[str], train_jets: list[int], steps: int | None, budgets: list[float],
+                epochs: float | None = None) -> list[Point]:
+    """The grid: sizes x training subsets x (one step count | one epoch count | each budget)."""
+    if (steps is not None) + bool(budgets) + (epochs is not None) != 1:
+        raise ValueError("give exactly one of --steps, --epochs and --budgets")
+    if (steps is not None and steps < 1) or (epochs is not None and epochs <= 0):
+        raise ValueError("--steps must be >= 1 and --epochs > 0")
+    if steps is not None:
+        plans = [dict(steps=steps)]
+    elif epochs is not None:
+        plans = [dict(epochs=epochs)]
+    else:
+        plans = [dict(budget=b) for b in budgets]
     return [Point(size, n, **plan) for size in sizes for n in train_jets for plan in plans]
 
 
@@ -209,6 +223,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", required=True, help="ladder sizes, e.g. xxs,xs,s,m")
     parser.add_argument("--train-jets", required=True, help="training subsets in jets, e.g. 2000,6000,12000 (nested)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps of every point")
+    parser.add_argument("--epochs", type=float, default=None, help="passes over each point's subset (instead of --steps)")
     parser.add_argument("--budgets", default="", help="compute budgets in FLOPs, e.g. 1e12,1e13 (instead of --steps)")
     parser.add_argument("--runner", choices=RUNNERS, default="local", help="local (sequential), parallel, slurm")
     parser.add_argument("--parallel", type=int, default=2, metavar="K", help="--runner parallel: points at a time")
@@ -226,6 +241,8 @@ def run_pretrain_sweep(args: argparse.Namespace) -> int:
     from jetfm.data.format import DataError
     from jetfm.data.shards import Manifest
     from jetfm.messages import error, info, output
+    from jetfm.data.reader import split_units
+    from jetfm.data.subset import subset_jets, subset_units
     from jetfm.scaling.ladder import build_ladder, format_ladder, load_ladder
 
     out = args.out.resolve()
@@ -233,7 +250,7 @@ def run_pretrain_sweep(args: argparse.Namespace) -> int:
         sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
         train_jets = sorted({int(float(n)) for n in args.train_jets.split(",") if n.strip()})
         budgets = sorted({float(b) for b in args.budgets.split(",") if b.strip()})
-        points = plan_points(sizes, train_jets, args.steps, budgets)
+        points = plan_points(sizes, train_jets, args.steps, budgets, args.epochs)
         if args.runner == "parallel" and args.parallel < 1:
             raise ValueError("--parallel must be >= 1")
         overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
@@ -262,11 +279,18 @@ def run_pretrain_sweep(args: argparse.Namespace) -> int:
         timing: dict[str, float] = {}
         for point in points:
             cfg = point_config(base, point, ladder[point.size], out=out, experiment=experiment, uri=uri, parent=None,
-                               N=rungs[point.size].N, steps=point.steps or 1)
+                               N=rungs[point.size].N, steps=point.steps or base.train.max_steps)
             measure_steps = args.measure_steps if args.dry_run and point.size not in timing else 0
             flops, seconds = measure(cfg, manifest, steps=measure_steps)
             timing.setdefault(point.size, seconds)
-            steps = point.steps if point.budget is None else max(1, round(point.budget / flops))
+            if point.budget is not None:
+                steps = max(1, round(point.budget / flops))
+            elif point.epochs is not None:
+                unique = subset_jets(subset_units(split_units(manifest, base.data.train_split), point.train_jets,
+                                                  where=str(base.data.path)))
+                steps = math.ceil(point.epochs * unique / (base.data.batch_size * base.train.grad_accum_steps))
+            else:
+                steps = point.steps
             plans.append((point, steps, flops))
     except (ConfigError, DataError, ValueError) as err:
         error(f"jetfm sweep pretrain: {err}")

@@ -74,7 +74,7 @@ def test_dry_run_prints_the_grid_and_trains_nothing(tmp_path, tokens, capsys):  
 
 def test_budgets_set_the_steps_and_bad_grids_are_refused(tmp_path, tokens, capsys):  # noqa: F811
     assert sweep.main(study_args(tmp_path, tokens, "--steps", "1", "--budgets", "1e9")) == 2
-    assert "exactly one of --steps and --budgets" in capsys.readouterr().err
+    assert "exactly one of --steps, --epochs and --budgets" in capsys.readouterr().err
     args = study_args(tmp_path, tokens, "--dry-run", "--measure-steps", "0")
     args[args.index("--steps"):args.index("--steps") + 2] = ["--budgets", "1e8,1e9"]
     assert sweep.main(args) == 0
