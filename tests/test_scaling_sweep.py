@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 from accelerate.state import AcceleratorState, GradientState
-from test_scaling_trainer import tokens  # noqa: F401 - the module's tokenized shard set fixture
+from test_scaling_trainer import store, tokens  # noqa: F401 - fixtures: tokenized shards, a migrated MLflow store
 
 from jetfm import sweep
 
@@ -14,7 +14,7 @@ LADDER = {"sizes": {"a": {"dim": 8, "num_blocks": 1, "num_heads": 1, "head_block
                     "b": {"dim": 16, "num_blocks": 1, "num_heads": 2, "head_blocks": 1}}}
 
 
-def study_args(tmp_path, tokens, *extra):  # noqa: F811
+def study_args(tmp_path, tokens, *extra, uri=None):  # noqa: F811
     from test_trainer import tiny_config
 
     base = tiny_config(tmp_path, tokens, name="base", builder=None, objective={"name": "joint"},
@@ -25,15 +25,16 @@ def study_args(tmp_path, tokens, *extra):  # noqa: F811
     ladder = tmp_path / "ladder.yaml"
     ladder.write_text(yaml.safe_dump(LADDER))
     return ["pretrain", "--base", str(base), "--ladder", str(ladder), "--sizes", "a,b", "--train-jets", "16,48",
-            "--steps", "2", "--out", str(tmp_path / "study"), "--bootstrap", "0", *extra]
+            "--steps", "2", "--out", str(tmp_path / "study"), "--bootstrap", "0",
+            *(["--set", f"tracking.uri={uri}"] if uri else []), *extra]
 
 
-def test_a_2x2_study_runs_tracks_fits_and_resumes(tmp_path, tokens, capsys):  # noqa: F811
+def test_a_2x2_study_runs_tracks_fits_and_resumes(tmp_path, tokens, store, capsys):  # noqa: F811
     import mlflow
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    assert sweep.main(study_args(tmp_path, tokens)) == 0
+    assert sweep.main(study_args(tmp_path, tokens, uri=store)) == 0
     out = tmp_path / "study"
     summaries = {p.parent.name: json.loads(p.read_text()) for p in (out / "runs").glob("*/summary.json")}
     assert sorted(summaries) == ["a-D16-s2", "a-D48-s2", "b-D16-s2", "b-D48-s2"]
@@ -45,7 +46,7 @@ def test_a_2x2_study_runs_tracks_fits_and_resumes(tmp_path, tokens, capsys):  # 
     fit = json.loads((out / "fit" / "fit.json").read_text())
     assert set(fit["objectives"]) == {"ntp", "mpm"} and (out / "fit" / "study.md").exists()
 
-    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    client = mlflow.MlflowClient(store)
     parent = json.loads((out / "study.json").read_text())["parent_run_id"]
     children = client.search_runs([client.get_run(parent).info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent}'")
@@ -59,7 +60,7 @@ def test_a_2x2_study_runs_tracks_fits_and_resumes(tmp_path, tokens, capsys):  # 
 
     # rerun: every point is skipped, the same parent run
     capsys.readouterr()
-    assert sweep.main(study_args(tmp_path, tokens)) == 0
+    assert sweep.main(study_args(tmp_path, tokens, uri=store)) == 0
     assert capsys.readouterr().err.count("finished, skipped") == 4
     assert json.loads((out / "study.json").read_text())["parent_run_id"] == parent
 
@@ -82,3 +83,30 @@ def test_budgets_set_the_steps_and_bad_grids_are_refused(tmp_path, tokens, capsy
     assert "a-D16-C1e08" in text and "b-D48-C1e09" in text
     args = study_args(tmp_path, tokens, "--sizes", "a,zz")
     assert sweep.main(args) == 2 and "'zz'" in capsys.readouterr().err
+
+
+def test_slurm_runner_writes_the_points_and_the_array_script_runs_one_per_task(tmp_path, tokens, store, capsys):  # noqa: F811
+    import os
+    import subprocess
+    from pathlib import Path
+
+    assert sweep.main(study_args(tmp_path, tokens, "--runner", "slurm", uri=store)) == 0
+    out = tmp_path / "study"
+    points = (out / "slurm" / "points.txt").read_text().split()
+    assert [Path(p).name for p in points] == ["a-D16-s2.yaml", "a-D48-s2.yaml", "b-D16-s2.yaml", "b-D48-s2.yaml"]
+    assert "sbatch --array=0-3" in capsys.readouterr().err  # no sbatch here: the command is printed
+    assert not (out / "runs").exists()
+
+    # the array script: task i hands line i to launchers/slurm.sh (a stand-in that prints its arguments)
+    fake = tmp_path / "checkout"
+    (fake / "launchers").mkdir(parents=True)
+    (fake / "launchers" / "slurm.sh").write_text('echo "slurm.sh $*"\n')
+    script = Path(sweep.__file__).resolve().parent.parent / "launchers" / "sweep_slurm.sh"
+    env = {**os.environ, "JETFM_DIR": str(fake), "SLURM_ARRAY_TASK_ID": "2"}
+    done = subprocess.run(["bash", str(script), str(out / "slurm" / "points.txt")], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0 and done.stdout.strip().endswith(f"slurm.sh {points[2]}")
+    env["SLURM_ARRAY_TASK_ID"] = "4"
+    done = subprocess.run(["bash", str(script), str(out / "slurm" / "points.txt")], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 2 and "has no line 5" in done.stderr
