@@ -10,7 +10,7 @@ budgets) through the one trainer, then the L(N, D) fit and its report.
 The grid. Each `--sizes` entry is a ladder size (configs/scaling/ladder.yaml: model overrides of
 the base config), each `--train-jets` a nested training subset (`data.train_jets`,
 jetfm/data/subset.py: D1 ⊂ D2 ⊂ …, validation always on the whole held-out split). Per point
-one of: `--steps` optimizer steps; `--epochs E` passes over its subset (steps = ceil(E x subset
+one of: `--steps` optimizer steps; `--epochs E` passes over its subset (steps = floor(E x subset
 jets / global batch): the data-scaling design, where D grows with the subset and nothing
 repeats at E <= 1); or, with `--budgets`, as many steps as the budget buys at the point's
 analytic FLOPs per step (jetfm/scaling/flops.py, measured on the first batches of its subset). `--set key=value` overrides the base config of every point.
@@ -108,12 +108,12 @@ def point_config(base, point: Point, overrides: dict, *, out: Path, experiment: 
 
 
 def finished(run_dir: Path, steps: int) -> bool:
-    """A point is done when its summary says completed at its planned step count."""
+    """A point is done when its summary says completed at (or past) its planned step count."""
     path = run_dir / "summary.json"
     if not path.exists():
         return False
     summary = json.loads(path.read_text())
-    return summary.get("status") == "completed" and summary.get("steps") == steps
+    return summary.get("status") == "completed" and (summary.get("steps") or 0) >= steps
 
 
 # --------------------------------------------------------------------------- measurement
@@ -288,7 +288,7 @@ def run_pretrain_sweep(args: argparse.Namespace) -> int:
             elif point.epochs is not None:
                 unique = subset_jets(subset_units(split_units(manifest, base.data.train_split), point.train_jets,
                                                   where=str(base.data.path)))
-                steps = math.ceil(point.epochs * unique / (base.data.batch_size * base.train.grad_accum_steps))
+                steps = max(1, math.floor(point.epochs * unique / (base.data.batch_size * base.train.grad_accum_steps)))
             else:
                 steps = point.steps
             plans.append((point, steps, flops))
