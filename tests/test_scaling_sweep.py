@@ -1,6 +1,7 @@
 """`jetfm sweep pretrain` end to end: a 2 x 2 study (tiny sizes, 2 steps) with a parent MLflow run,
 a tagged child run per point, the fit files; a rerun skips finished points; --dry-run plans only."""
 
+import itertools
 import json
 
 import pytest
@@ -9,6 +10,11 @@ from accelerate.state import AcceleratorState, GradientState
 from test_scaling_trainer import store, tokens  # noqa: F401 - fixtures: tokenized shards, a migrated MLflow store
 
 from jetfm import sweep
+from jetfm.config import load_config
+from jetfm.data.reader import make_loader
+from jetfm.data.shards import Manifest
+from jetfm.models.pretrain import build_pretrain_model
+from jetfm.scaling.flops import ModelShapes, step_flops
 
 LADDER = {"sizes": {"a": {"dim": 8, "num_blocks": 1, "num_heads": 1, "head_blocks": 1},
                     "b": {"dim": 16, "num_blocks": 1, "num_heads": 2, "head_blocks": 1}}}
@@ -43,6 +49,14 @@ def test_a_2x2_study_runs_tracks_fits_and_resumes(tmp_path, tokens, store, capsy
         assert summary["status"] == "completed" and scaling["size"] == name[0] and scaling["flops"] > 0
         assert scaling["unique_jets"] == (16 if "D16" in name else 48) and scaling["jets_seen"] == 16
     assert summaries["a-D16-s2"]["scaling"]["N"] < summaries["b-D16-s2"]["scaling"]["N"]
+    # the trainer's FLOPs = the analytic formula over the batches the point trained on (its config, its order)
+    cfg = load_config(out / "configs" / "b-D48-s2.yaml")
+    loader = make_loader(cfg.data, cfg.data.train_split, seed=cfg.seed, shuffle=True, drop_uneven=True,
+                         require_tokens=True)
+    shapes = ModelShapes.from_model(build_pretrain_model(cfg, Manifest.load(tokens)))
+    batches = list(itertools.islice(loader, 2))
+    flops = sum(step_flops(shapes, b.seqlens, objective="joint", mask_fraction=0.4).total for b in batches)
+    assert summaries["b-D48-s2"]["scaling"]["flops"] == pytest.approx(flops, rel=1e-12)
     fit = json.loads((out / "fit" / "fit.json").read_text())
     assert set(fit["objectives"]) == {"ntp", "mpm"} and (out / "fit" / "study.md").exists()
 
