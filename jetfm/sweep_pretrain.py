@@ -13,7 +13,8 @@ jetfm/data/subset.py: D1 ⊂ D2 ⊂ …, validation always on the whole held-out
 one of: `--steps` optimizer steps; `--epochs E` passes over its subset (steps = floor(E x subset
 jets / global batch): the data-scaling design, where D grows with the subset and nothing
 repeats at E <= 1); or, with `--budgets`, as many steps as the budget buys at the point's
-analytic FLOPs per step (jetfm/scaling/flops.py, measured on the first batches of its subset). `--set key=value` overrides the base config of every point.
+analytic FLOPs per step (jetfm/scaling/flops.py, measured on the first batches of its subset).
+`--set key=value` overrides the base config of every point.
 
 Points. Each point's resolved config is written to OUT/configs/<point>.yaml and trained into
 OUT/runs/<point> by `python jetfm/train.py --config OUT/configs/<point>.yaml --resume auto` — in

@@ -169,7 +169,8 @@ class Run:
     train_time_total: float = 0.0
     window: Window | None = None
     compute: Any = None  # scaling.ComputeMeter: cumulative FLOPs, particles, jets (carried in checkpoints)
-    compute_pending: list = field(default_factory=lambda: [0.0, 0.0, 0.0, 0])  # this process's [flops, particles, jets, steps] since the last fold
+    # this process's [flops, particles, jets, steps] since the last fold into `compute`
+    compute_pending: list = field(default_factory=lambda: [0.0, 0.0, 0.0, 0])
 
     @property
     def run_dir(self) -> Path:
