@@ -41,7 +41,7 @@ TOP_COMMANDS = {
     "generate": ("jetfm.generate", "add_generate_arguments", "run_generate",
                  "sample jets from a pre-trained NTP/joint model (KV cache) into shards"),
     "sweep": ("jetfm.sweep", "add_sweep_arguments", "run_sweep",
-              "run a grid of fine-tunings (the data-efficiency study) and plot it"),
+              "run a study: fine-tunings over data sizes, or pre-training scaling (sizes x data x compute) and its fit"),
     "demo": ("jetfm.demo", "add_demo_arguments", "run_demo",
              "run the whole chain small on CPU: data → tokenizer → pre-training → generation → fine-tuning → report"),
 }

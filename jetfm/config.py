@@ -69,6 +69,11 @@ class DataConfig:
     train_split: str = "train"
     """Split trained on."""
 
+    train_jets: int | None = None
+    """Train on a nested subset of at least this many jets of the training split (whole chunks,
+    rounded up; jetfm/data/subset.py): subsets of one shard set nest, D1 ⊂ D2 ⊂ …, whatever the
+    seed. None: the whole split. Validation always reads the whole val_split."""
+
     val_split: str = "val"
     """Split validated on (train.eval_every > 0)."""
 
@@ -116,6 +121,8 @@ class DataConfig:
             raise ConfigError("data.features is empty: name at least one model input feature")
         if self.train_split == "":
             raise ConfigError("data.train_split is empty")
+        if self.train_jets is not None and self.train_jets < 1:
+            raise ConfigError(f"data.train_jets must be >= 1 (or null for the whole split), got {self.train_jets}")
         from jetfm.data.features import FeatureTransform
 
         normalised = {}

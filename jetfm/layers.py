@@ -37,7 +37,7 @@ LAYERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("trainer", "the training loop",
      ("jetfm.train", "jetfm.train_metrics")),
     ("commands", "what a user runs: the jetfm command and its subcommands (the data ones included)",
-     ("jetfm.cli", "jetfm.demo", "jetfm.sweep", "jetfm.generate", "jetfm.data.generate", "jetfm.data.convert",
+     ("jetfm.cli", "jetfm.demo", "jetfm.sweep", "jetfm.sweep_pretrain", "jetfm.generate", "jetfm.data.generate", "jetfm.data.convert",
       "jetfm.data.inspect", "jetfm.scaling.__main__")),
 )
 

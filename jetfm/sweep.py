@@ -446,10 +446,20 @@ def ensure_experiment(uri: str, experiment: str, out: Path) -> None:
 
 # --------------------------------------------------------------------------- command line
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `jetfm sweep` (the study kind is the first positional: `finetune`)."""
+    """Arguments of `jetfm sweep finetune|pretrain` (the study kind is the first positional)."""
+    from jetfm.sweep_pretrain import add_pretrain_arguments
+
+    parser.description = ("finetune: the data-efficiency study (fine-tunings over training-set sizes); "
+                          "pretrain: the scaling study (pre-training over model sizes x data x compute, then the fit)")
+    studies = parser.add_subparsers(dest="study", required=True, metavar="{finetune,pretrain}")
+    add_finetune_arguments(studies.add_parser("finetune", help="fine-tune over a grid of training-set sizes"))
+    add_pretrain_arguments(studies.add_parser("pretrain", help="pre-train over sizes x data x compute, fit L(N, D)"))
+
+
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `jetfm sweep finetune`."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = __doc__
-    parser.add_argument("study", choices=["finetune"], help="what to sweep: finetune (the data-efficiency study)")
     parser.add_argument("--base", required=True, type=Path, help="fine-tuning config of every run (stage finetune)")
     parser.add_argument("--data", default=None, help="shard set, directory or URL (default the base config's data.path)")
     parser.add_argument("--out", required=True, type=Path, help="study directory (runs, subsets, table, plots)")
@@ -480,6 +490,10 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
+    if args.study == "pretrain":
+        from jetfm.sweep_pretrain import run_pretrain_sweep
+
+        return run_pretrain_sweep(args)
     from jetfm.config import ConfigError, load_config
     from jetfm.data.format import DataError
     from jetfm.data.shards import Manifest
@@ -611,7 +625,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m jetfm.sweep finetune ...` (the same as `jetfm sweep finetune ...`)."""
+    """`python -m jetfm.sweep finetune|pretrain ...` (the same as `jetfm sweep ...`)."""
     parser = argparse.ArgumentParser(prog="jetfm sweep")
     add_sweep_arguments(parser)
     return run_sweep(parser.parse_args(argv))

@@ -80,6 +80,9 @@ class NullTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
 
+    def log_params(self, params: dict) -> None:
+        pass
+
     def flush(self, timeout: float | None = None) -> bool:
         return True
 
@@ -157,6 +160,9 @@ class Tracker(NullTracker):
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._submit(("tags", {k: str(v) for k, v in tags.items()}))
+
+    def log_params(self, params: dict) -> None:
+        self._submit(("params", {k: _param_value(v) for k, v in params.items()}))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)

@@ -178,6 +178,9 @@ class Run:
     jets_total: float = 0.0  # all processes, logged windows
     train_time_total: float = 0.0
     window: Window | None = None
+    compute: Any = None  # scaling.ComputeMeter: cumulative FLOPs, particles, jets (carried in checkpoints)
+    # this process's [flops, particles, jets, steps] since the last fold into `compute`
+    compute_pending: list = field(default_factory=lambda: [0.0, 0.0, 0.0, 0])
 
     @property
     def run_dir(self) -> Path:
@@ -344,7 +347,8 @@ def setup(cfg: Config, resume: str | None, restart: bool = False) -> Run:
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     metrics = trainer_state.get("metrics", {})
-    return Run(cfg=cfg, accelerator=accelerator, info=info, manifest=manifest, train_loader=train_loader,
+    compute = make_compute_meter(cfg, unwrapped, train_loader, trainer_state.get("compute"), tracker)
+    return Run(compute=compute, cfg=cfg, accelerator=accelerator, info=info, manifest=manifest, train_loader=train_loader,
                val_loader=val_loader, val_start=val_start, model=model, unwrapped=unwrapped, optimizer=optimizer,
                scheduler=scheduler, evaluate=stages.stage_evaluator(cfg), tracker=tracker,
                stop_vote=make_stop_vote(accelerator), n_params=n_params, say=say, t_start=t_start,
@@ -395,6 +399,7 @@ def train_loop(run: Run, stop: StopSignals, bar) -> tuple[str, str]:
         totals = run.window.totals(run.accelerator)
         run.window.time += time.perf_counter() - t0
         check_finite(run.window, totals)
+        fold_compute(run)
         if log:
             log_window(run, totals, bar)
         elif stopping:
@@ -429,7 +434,12 @@ def train_step(run: Run, batches: Iterator, window: Window) -> Diverged | None:
     loss_sum = torch.zeros((), device=accelerator.device)
     metric_sums: dict[str, Any] = {}
     jets = particles = 0
-    micro = [next(batches).to(accelerator.device, non_blocking=True) for _ in range(accum)]
+    micro = []
+    for _ in range(accum):
+        batch = next(batches)
+        if run.compute is not None:  # from the host copy of the multiplicities: no device sync
+            run.compute_pending[0] += run.compute.count(batch.seqlens)
+        micro.append(batch.to(accelerator.device, non_blocking=True))
     norms = loss_norms(run.unwrapped, micro, accelerator, step_seed(cfg.seed, run.step + 1))
     for batch, norm in zip(micro, norms):
         with accelerator.accumulate(model):
@@ -443,6 +453,7 @@ def train_step(run: Run, batches: Iterator, window: Window) -> Diverged | None:
         add_metrics(metric_sums, out)
         jets += batch.num_jets
         particles += batch.num_particles
+    run.compute_pending[1:] = [run.compute_pending[1] + particles, run.compute_pending[2] + jets, run.compute_pending[3] + 1]
     if not accelerator.sync_gradients:
         raise RuntimeError("gradient accumulation out of step with accelerate's counter")
     grad_norm = grad_norm_tensor(accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf),
@@ -535,6 +546,7 @@ def log_window(run: Run, totals: dict, bar) -> None:
     run.jets_total += totals["jets"]
     run.train_time_total += window.time
     run.window = Window(run.accelerator.device, first_step=step + 1)
+    run.last_train.update(compute_metrics(run))
     run.tracker.log_metrics(run.last_train, step)
     _append_jsonl(run.run_dir / "metrics.jsonl", {"step": step, **run.last_train}, run.is_main)
     loss, jets_s = run.last_train["train/loss"], run.last_train["perf/jets_per_s"]
@@ -574,6 +586,7 @@ def write_checkpoint(run: Run) -> None:
         "mlflow_uri": run.tracker.uri,
         "metrics": {"train": run.last_train, "val": run.last_val},
         "best": run.best,
+        "compute": run.compute.state_dict() if run.compute is not None else None,
     }
     run.last_checkpoint = save_checkpoint(run.accelerator, run.run_dir, run.step, config_yaml=run.cfg.to_yaml(),
                                           trainer_state=state, keep=run.cfg.train.keep_checkpoints)
@@ -606,6 +619,7 @@ def summarize(run: Run, status: str, message: str, final_dir: Path | None = None
         "val": run.last_val,
         "best": run.best,
         "mlflow": {"uri": getattr(run.tracker, "uri", None), "run_id": getattr(run.tracker, "run_id", None)},
+        "scaling": run.compute.summary() if run.compute is not None else None,
     }
 
 
@@ -660,6 +674,39 @@ def validate(model, unwrapped, loader, start_state, evaluate, cfg: Config, accel
             return result
     finally:
         model.train()
+
+
+def make_compute_meter(cfg: Config, unwrapped, train_loader, state: dict | None, tracker):
+    """The run's ComputeMeter (pre-training models: FLOPs too; other stages count particles and
+    jets only), continued from the checkpoint's state; the static numbers go to MLflow as params."""
+    from jetfm.data.subset import subset_jets
+    from jetfm.scaling.flops import ComputeMeter
+    from jetfm.scaling.ladder import model_parameters
+
+    tags = cfg.tracking.tags
+    meter = ComputeMeter.for_run(unwrapped, unique_jets=subset_jets(train_loader.dataset.units),
+                                 parameters=model_parameters(unwrapped), size=tags.get("jetfm.size"),
+                                 budget=tags.get("jetfm.budget"))
+    if state:
+        meter.load_state_dict(state)
+    tracker.log_params(meter.params())
+    return meter
+
+
+def fold_compute(run: Run) -> None:
+    """Add this interval's compute, summed over processes, to the run's meter (one small collective)."""
+    pending = run.compute_pending
+    if run.world > 1:
+        pending = run.accelerator.reduce(torch.tensor(pending, device=run.accelerator.device, dtype=torch.float64),
+                                         reduction="sum").tolist()
+        pending[3] = run.compute_pending[3]  # steps: the same on every process
+    run.compute.add(*pending[:3], steps=int(pending[3]))
+    run.compute_pending = [0.0, 0.0, 0.0, 0]
+
+
+def compute_metrics(run: Run) -> dict[str, float]:
+    """The cumulative compute as MLflow metrics (compute/flops, compute/particles_seen, ...)."""
+    return {f"compute/{k}": v for k, v in run.compute.metrics().items()}
 
 
 def export_final(accelerator, model, unwrapped, cfg: Config, manifest, run_dir: Path, name: str = "final",

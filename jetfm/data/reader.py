@@ -39,6 +39,7 @@ from .features import Preprocessing, particle_features
 from .format import DataError, JetArrays, chunk_entries, decode_chunk
 from .remote import open_store
 from .shards import Manifest
+from .subset import subset_units
 
 
 # --------------------------------------------------------------------------- raw chunk access
@@ -270,6 +271,7 @@ class JetDataset(IterableDataset):
         cache_gb: float | None = None,
         streams: int = 8,
         accum: int = 1,
+        subset_jets: int | None = None,
     ):
         super().__init__()
         self.store = open_store(directory, cache_dir=cache_dir, cache_gb=cache_gb)
@@ -293,7 +295,8 @@ class JetDataset(IterableDataset):
                 f"divide data.streams (set data.streams to a multiple of {world_size}, e.g. {world_size * 8}, for a "
                 "new run, or run a number of processes that divides it)")
         self.global_batch = batch_size * world_size * accum
-        self.units = split_units(self.manifest, split)
+        self.units = subset_units(split_units(self.manifest, split), subset_jets,
+                                  where=f"{self.directory}: split {split!r}")
         if not self.units:
             raise DataError(f"{self.directory}: split {split!r} holds no jets")
         self.block_pieces = max(1, math.ceil(shuffle_buffer / (streams * self.manifest.chunk_size))) if shuffle else 1
@@ -702,5 +705,6 @@ def make_loader(data_cfg, split: str, *, rank: int = 0, world_size: int = 1, see
         cache_gb=getattr(data_cfg, "cache_gb", None),
         streams=getattr(data_cfg, "streams", 8),
         accum=accum,
+        subset_jets=getattr(data_cfg, "train_jets", None) if split == data_cfg.train_split else None,
     )
     return JetLoader(dataset, num_workers=data_cfg.num_workers, drop_uneven=drop_uneven)

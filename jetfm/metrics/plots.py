@@ -9,6 +9,8 @@ canvas directly (no pyplot, no global backend switch), so they work in headless 
 | plot_distribution(s)       | `jetfm evaluate generative`         | reference vs generated, ratio panel        |
 | plot_roc, plot_confusion   | `jetfm evaluate classifier`, finetune | 1/eps_B vs eps_S; row-normalised confusion |
 | plot_scaling               | `jetfm sweep`                       | metric vs training-set size                |
+| plot_law_curves            | `jetfm scaling fit`, `sweep pretrain` | loss vs compute / N / D, points + curves  |
+| plot_law_residuals         | `jetfm scaling fit`, `sweep pretrain` | log(loss / fitted law) vs N and D         |
 | plot_reconstruction        | tokenizer evaluation                | original vs reconstructed, ratio panels    |
 | plot_residuals             | tokenizer evaluation                | per-particle (and jet) resolution          |
 | plot_code_usage            | tokenizer evaluation                | particles per code, by rank                |
@@ -230,6 +232,57 @@ def plot_scaling(
             ax.set_title(title)
         ax.grid(alpha=0.3, which="both")
         ax.legend(loc="best", frameon=False)
+        return _save(fig, out_path)
+
+
+# ------------------------------------------------------------------------- scaling laws
+def plot_law_curves(
+    groups: list[tuple[str, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]], out_path, xlabel: str,
+    ylabel: str, *, extra: list[tuple[str, np.ndarray, np.ndarray, str]] = (),
+    stars: list[tuple[float, float]] = (), legend_title: str | None = None,
+) -> Path:
+    """Loss against a scaling variable (compute, N or D) on a log x axis: groups = [(label, x, y,
+    (curve_x, curve_y) or None)], points in one colour per group with the group's fitted curve
+    dashed; extra = [(label, x, y, style)] lines drawn in black/red over them (a frontier, the
+    law's compute-optimal curve, drawn as 'step' when style is 'step'); stars mark optima, one
+    per group in group order."""
+    with matplotlib.rc_context(STYLE):
+        fig = _new_figure(8, 6)
+        ax = fig.subplots()
+        cmap = matplotlib.colormaps["viridis"]
+        for i, (label, x, y, curve) in enumerate(groups):
+            color = cmap(i / max(1, len(groups) - 1))
+            order = np.argsort(np.asarray(x, np.float64))
+            ax.plot(np.asarray(x)[order], np.asarray(y)[order], "o", color=color, label=label)
+            if curve is not None:
+                ax.plot(curve[0], curve[1], "--", color=color, lw=1.5)
+            if i < len(stars):
+                ax.plot(*stars[i], "*", color=color, ms=16, mec="k")
+        for label, x, y, style in extra:
+            if style == "step":
+                ax.step(x, y, where="post", color="k", lw=1.5, label=label)
+            else:
+                ax.plot(x, y, style, color="tab:red", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(frameon=False, fontsize=11, title=legend_title, title_fontsize=11)
+        return _save(fig, out_path)
+
+
+def plot_law_residuals(N: np.ndarray, D: np.ndarray, resid: np.ndarray, out_path) -> Path:
+    """log(loss / fitted law) per run against N (left) and D (right)."""
+    with matplotlib.rc_context(STYLE):
+        fig = _new_figure(12, 5)
+        left, right = fig.subplots(1, 2, sharey=True)
+        for ax, x, xlabel in ((left, N, "Parameters N"), (right, D, "Data D")):
+            ax.axhline(0.0, color="0.5", lw=1)
+            ax.plot(x, resid, "o", color="tab:blue")
+            ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3, which="both")
+        left.set_ylabel("log(loss / fit)")
         return _save(fig, out_path)
 
 

@@ -165,6 +165,11 @@ def _check_points(N, D, loss, unique):
     return N, D, L, U
 
 
+#: Repetition below this fraction (D / unique - 1) fits no R*: a step past one epoch is no
+#: evidence about repeated data, and R* is then unconstrained.
+MIN_REPETITION = 0.05
+
+
 def fit_law(N, D, loss, *, unique=None, delta: float = HUBER_DELTA, starts: int = 16,
             init: list[np.ndarray] | None = None, fit_rstar: bool | None = None) -> Law:
     """Fit L(N, D) (+ R* when `unique` shows repeated data) to one loss per run (see module doc).
@@ -175,7 +180,7 @@ def fit_law(N, D, loss, *, unique=None, delta: float = HUBER_DELTA, starts: int 
     N, D, L, U = _check_points(N, D, loss, unique)
     logN, logL = np.log(N), np.log(L)
     if fit_rstar is None:
-        fit_rstar = U is not None and bool(np.any(D / U > 1.0 + 1e-9))
+        fit_rstar = U is not None and bool(np.any(D / U > 1.0 + MIN_REPETITION))
     if fit_rstar and U is None:
         raise ValueError("fitting R* needs the unique data size of every run")
     grid, values = _grid_values(logN, np.log(D), logL, delta)
@@ -191,6 +196,8 @@ def fit_law(N, D, loss, *, unique=None, delta: float = HUBER_DELTA, starts: int 
         if np.all(np.isfinite(res.x)) and (best is None or res.fun < best.fun):
             best = res
     a, alpha, b, beta, e = best.x[:5]
+    if max(a, b, e) > 700:  # exp overflows: a coefficient ran off (a degenerate resample, a flat direction)
+        raise ValueError(f"the fit diverged (log A = {a:.3g}, log B = {b:.3g}, log E = {e:.3g})")
     return Law(E=math.exp(e), A=math.exp(a), alpha=float(alpha), B=math.exp(b), beta=float(beta),
                R_star=math.exp(best.x[5]) if fit_rstar else None, objective=float(best.fun), num_points=len(N))
 

@@ -203,35 +203,89 @@ class ComputeMeter:
 
         meter = ComputeMeter.for_model(model)          # the unwrapped PretrainModel
         flops = meter.count(batch.seqlens)             # one micro-batch on this process (no host sync on CPU)
-        meter.add(flops, particles, jets)              # the step's totals, summed over processes
+        meter.add(flops, particles, jets, steps=1)     # totals summed over processes
         state = meter.state_dict(); meter.load_state_dict(state)   # resume continues the sums
+        meter.summary()                                # summary.json's `scaling` block
 
-    `count` uses the useful-attention convention of `step_flops`. The sums are floats (exact to
-    2^53 ~ 9e15 particles; FLOPs beyond that lose integer precision, not meaning).
+    `count` uses the useful-attention convention of `step_flops`. A model that is not a
+    pre-training model (a classifier, the tokenizer) gets a meter without shapes: it counts
+    particles and jets, and its FLOPs stay None. The sums are floats (exact to 2^53 ~ 9e15
+    particles; FLOPs beyond that lose integer precision, not meaning).
     """
 
-    def __init__(self, shapes: ModelShapes, objective: str, mask_fraction: float):
-        if objective not in OBJECTIVES:
+    def __init__(self, shapes: ModelShapes | None, objective: str | None, mask_fraction: float = 0.0):
+        if shapes is not None and objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         self.shapes, self.objective, self.mask_fraction = shapes, objective, float(mask_fraction)
         self.flops = self.particles = self.jets = 0.0
         self.steps = 0
+        self.unique_jets: int | None = None
+        self.N = self.N_total = None
+        self.size = self.budget = None
 
     @classmethod
     def for_model(cls, model) -> "ComputeMeter":
         obj = model.objective_cfg
         return cls(ModelShapes.from_model(model), obj.name, obj.mask_fraction)
 
+    @classmethod
+    def for_run(cls, model, *, unique_jets: int, parameters: tuple[int, int], size: str | None = None,
+                budget: str | float | None = None) -> "ComputeMeter":
+        """The trainer's meter: FLOPs for a pre-training model, particles and jets for any; the run's
+        static numbers (N, N_total, unique jets, ladder size, budget) for its params and summary."""
+        pretrain = getattr(model, "objective_cfg", None) is not None and hasattr(model, "backbone")
+        meter = cls.for_model(model) if pretrain else cls(None, None)
+        meter.unique_jets = int(unique_jets)
+        meter.N, meter.N_total = (int(n) for n in parameters)
+        meter.size, meter.budget = size, (float(budget) if budget not in (None, "") else None)
+        return meter
+
     def count(self, seqlens: torch.Tensor) -> float:
-        """Forward + backward FLOPs of one micro-batch of jets with these multiplicities."""
+        """Forward + backward FLOPs of one micro-batch of jets with these multiplicities (0 without shapes)."""
+        if self.shapes is None:
+            return 0.0
         return step_flops(self.shapes, seqlens, objective=self.objective, mask_fraction=self.mask_fraction).total
 
-    def add(self, flops: float, particles: float, jets: float) -> None:
-        """One optimizer step's totals (all micro-batches, all processes)."""
+    def add(self, flops: float, particles: float, jets: float, steps: int = 1) -> None:
+        """Totals of `steps` optimizer steps (all micro-batches, all processes)."""
         self.flops += float(flops)
         self.particles += float(particles)
         self.jets += float(jets)
-        self.steps += 1
+        self.steps += int(steps)
+
+    @property
+    def epochs(self) -> float | None:
+        """Passes over the training (sub)set: the repetition of the data."""
+        return self.jets / self.unique_jets if self.unique_jets else None
+
+    def metrics(self) -> dict[str, float]:
+        """The cumulative numbers, logged as MLflow metrics each log step."""
+        out = {"particles_seen": self.particles, "jets_seen": self.jets}
+        if self.shapes is not None:
+            out["flops"] = self.flops
+        if self.epochs is not None:
+            out["epochs"] = self.epochs
+        return out
+
+    def params(self) -> dict:
+        """The static numbers, logged once as MLflow params."""
+        out = {"scaling.N": self.N, "scaling.N_total": self.N_total, "scaling.unique_jets": self.unique_jets,
+               "scaling.size": self.size, "scaling.budget": self.budget}
+        return {k: v for k, v in out.items() if v is not None}
+
+    def summary(self) -> dict:
+        """summary.json's `scaling` block (what jetfm/scaling/report.py reads). unique_particles is
+        the subset's jets times the mean multiplicity seen (after truncation): exact in
+        expectation, not counted particle by particle."""
+        mean_multiplicity = self.particles / self.jets if self.jets else None
+        return {
+            "N": self.N, "N_total": self.N_total, "size": self.size, "budget": self.budget,
+            "objective": self.objective, "steps": self.steps,
+            "flops": self.flops if self.shapes is not None else None,
+            "particles_seen": self.particles, "jets_seen": self.jets, "unique_jets": self.unique_jets,
+            "unique_particles": self.unique_jets * mean_multiplicity if self.unique_jets and mean_multiplicity else None,
+            "epochs": self.epochs,
+        }
 
     def state_dict(self) -> dict:
         return {"flops": self.flops, "particles": self.particles, "jets": self.jets, "steps": self.steps,

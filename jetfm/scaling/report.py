@@ -33,10 +33,9 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 
-from jetfm.metrics.plots import STYLE, _new_figure, _save
+from jetfm.metrics.plots import plot_law_curves, plot_law_residuals
 
 from .fit import Law, bootstrap_law, fit_law, isoflop_analysis
 
@@ -293,85 +292,48 @@ def _groups(values: np.ndarray) -> dict[float, np.ndarray]:
 
 
 def plot_objective(records: list[dict], obj: str, res: dict, out: Path, data_unit: str = "particles") -> list[Path]:
+    """The objective's PNGs: the numbers (points, the law's curves) are computed here, drawn by
+    jetfm/metrics/plots.py."""
     runs = [r for r in records if obj in r["losses"]]
     N, D, L, C = _arrays(runs, obj)
     unique = np.array([r.get("unique", r["D"]) for r in runs])
     law = _law(res)
     label = f"{obj.upper()} validation loss"
     paths = []
-    cmap = matplotlib.colormaps["viridis"]
-    with matplotlib.rc_context(STYLE):
-        # loss vs compute: runs by size, the empirical frontier, the law's compute-optimal curve
-        fig = _new_figure(8, 6)
-        ax = fig.subplots()
-        n_groups = _groups(N)
-        for i, (n, sel) in enumerate(n_groups.items()):
-            ax.plot(C[sel], L[sel], "o", color=cmap(i / max(1, len(n_groups) - 1)), label=f"N = {n:.2g}")
-        front = res["frontier"]
-        ax.step([f["flops"] for f in front], [f["loss"] for f in front], where="post", color="k", lw=1.5, label="frontier")
-        if law is not None:
-            grid = np.geomspace(C.min(), C.max(), 100)
-            n_opt, d_opt = law.optimal(grid, k=res["flops_per_ND"])
-            ax.plot(grid, law.predict(n_opt, d_opt), "--", color="tab:red", label="law, compute-optimal")
-        ax.set_xscale("log")
-        ax.set_xlabel("Training compute [FLOPs]")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(frameon=False, fontsize=11)
-        paths.append(_save(fig, out / f"{obj}_loss_vs_compute.png"))
-
-        # IsoFLOP profiles
-        iso = res["isoflop"]
-        if iso["budgets"]:
-            fig = _new_figure(8, 6)
-            ax = fig.subplots()
-            for i, b in enumerate(iso["budgets"]):
-                color = cmap(i / max(1, len(iso["budgets"]) - 1))
-                ax.plot(b["N"], b["loss"], "o", color=color, label=f"C = {b['C']:.2g}")
-                x = np.linspace(np.log(min(b["N"])), np.log(max(b["N"])), 100)
-                ax.plot(np.exp(x), np.polyval(b["coeffs"], x), "-", color=color, lw=1.5)
-                ax.plot(b["N_opt"], b["loss_opt"], "*", color=color, ms=16, mec="k")
-            ax.set_xscale("log")
-            ax.set_xlabel("Parameters N (no embeddings)")
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3, which="both")
-            ax.legend(frameon=False, fontsize=11)
-            paths.append(_save(fig, out / f"{obj}_isoflop.png"))
-
-        # loss vs N per D, loss vs D per N, with the fitted surface
-        for x, by, xlabel, name in ((N, D, "Parameters N (no embeddings)", "N"), (D, N, f"Data D (training {data_unit} seen)", "D")):
-            fig = _new_figure(8, 6)
-            ax = fig.subplots()
-            groups = _groups(by)
-            for i, (value, sel) in enumerate(groups.items()):
-                color = cmap(i / max(1, len(groups) - 1))
-                order = np.argsort(x[sel])
-                ax.plot(x[sel][order], L[sel][order], "o", color=color, label=f"{'D' if name == 'N' else 'N'} = {value:.2g}")
-                if law is not None:
-                    grid = np.geomspace(x.min(), x.max(), 100)
-                    if name == "N":  # the group's own unique data, for its repetition
-                        u = np.median(unique[sel])
-                        pred = law.predict(grid, np.full_like(grid, value), np.full_like(grid, u))
-                    else:
-                        pred = law.predict(np.full_like(grid, value), grid)
-                    ax.plot(grid, pred, "--", color=color, lw=1.5)
-            ax.set_xscale("log")
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3, which="both")
-            ax.legend(frameon=False, fontsize=11, title="dashed: fitted law" if law is not None else None, title_fontsize=11)
-            paths.append(_save(fig, out / f"{obj}_loss_vs_{name}.png"))
-
-        if law is not None:
-            fig = _new_figure(12, 5)
-            left, right = fig.subplots(1, 2, sharey=True)
-            resid = np.log(L / law.predict(N, D, unique))
-            for ax, x, xlabel in ((left, N, "Parameters N"), (right, D, "Data D")):
-                ax.axhline(0.0, color="0.5", lw=1)
-                ax.plot(x, resid, "o", color="tab:blue")
-                ax.set_xscale("log")
-                ax.set_xlabel(xlabel)
-                ax.grid(alpha=0.3, which="both")
-            left.set_ylabel("log(loss / fit)")
-            paths.append(_save(fig, out / f"{obj}_residuals.png"))
+    # loss vs compute: runs by size, the empirical frontier, the law's compute-optimal curve
+    groups = [(f"N = {n:.2g}", C[sel], L[sel], None) for n, sel in _groups(N).items()]
+    front = res["frontier"]
+    extra = [("frontier", np.array([f["flops"] for f in front]), np.array([f["loss"] for f in front]), "step")]
+    if law is not None:
+        grid = np.geomspace(C.min(), C.max(), 100)
+        n_opt, d_opt = law.optimal(grid, k=res["flops_per_ND"])
+        extra.append(("law, compute-optimal", grid, law.predict(n_opt, d_opt), "--"))
+    paths.append(plot_law_curves(groups, out / f"{obj}_loss_vs_compute.png", "Training compute [FLOPs]", label,
+                                 extra=extra))
+    # IsoFLOP profiles: a parabola in log N per budget, its minimum starred
+    iso = res["isoflop"]
+    if iso["budgets"]:
+        groups, stars = [], []
+        for b in iso["budgets"]:
+            x = np.linspace(np.log(min(b["N"])), np.log(max(b["N"])), 100)
+            groups.append((f"C = {b['C']:.2g}", np.array(b["N"]), np.array(b["loss"]), (np.exp(x), np.polyval(b["coeffs"], x))))
+            stars.append((b["N_opt"], b["loss_opt"]))
+        paths.append(plot_law_curves(groups, out / f"{obj}_isoflop.png", "Parameters N (no embeddings)", label, stars=stars))
+    # loss vs N per D, loss vs D per N, with the fitted surface
+    for x, by, xlabel, name in ((N, D, "Parameters N (no embeddings)", "N"), (D, N, f"Data D (training {data_unit} seen)", "D")):
+        groups = []
+        for value, sel in _groups(by).items():
+            curve = None
+            if law is not None:
+                grid = np.geomspace(x.min(), x.max(), 100)
+                if name == "N":  # the group's own unique data, for its repetition
+                    u = np.median(unique[sel])
+                    curve = (grid, law.predict(grid, np.full_like(grid, value), np.full_like(grid, u)))
+                else:
+                    curve = (grid, law.predict(np.full_like(grid, value), grid))
+            groups.append((f"{'D' if name == 'N' else 'N'} = {value:.2g}", x[sel], L[sel], curve))
+        paths.append(plot_law_curves(groups, out / f"{obj}_loss_vs_{name}.png", xlabel, label,
+                                     legend_title="dashed: fitted law" if law is not None else None))
+    if law is not None:
+        paths.append(plot_law_residuals(N, D, np.log(L / law.predict(N, D, unique)), out / f"{obj}_residuals.png"))
     return paths
