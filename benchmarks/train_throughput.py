@@ -63,6 +63,8 @@ from jetfm.models.objectives import mask_particles, mask_ranks, masked_count  # 
 SIZES = {
     "ref": dict(dim=128, num_heads=8, num_blocks=8),  # docs/METHOD.md §3
     "large": dict(dim=256, num_heads=8, num_blocks=12),
+    "d512": dict(dim=512, num_heads=8, num_blocks=12),  # GPU check: head dim 64 for flash-attn
+    "tiny": dict(dim=32, num_heads=2, num_blocks=1),  # gpu_check.sh --dry-run: the plumbing only
 }
 PEAK_FLOPS = {("H200", "bf16"): 989e12, ("H100", "bf16"): 989e12}
 REFERENCE = Path(__file__).resolve().parent / "results" / "reference.json"
