@@ -465,7 +465,8 @@ def main(argv=None):
         hardware=hardware(device, args.threads),
         versions=dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda),
         config=dict(batch_size=args.batch_size, iters=args.iters, warmup=args.warmup, codebook=args.codebook,
-                    max_particles=args.max_particles, data=args.data or "normal(50,20) clipped [5,128]",
+                    max_particles=args.max_particles, data=args.data or ("clip(round(Gamma(6.5, 7)), 5, 99)" if args.multiplicities == "gamma"
+                                                       else "normal(50,20) clipped [5,128]"),
                     mean_multiplicity=mean_n, sizes={s: SIZES[s] for s in args.sizes.split(",")}, threads=args.threads,
                     packed_attention=attention, repeats=args.repeats, multiplicities=args.multiplicities),
         matmul_peak_gflop_per_s=peak, results=results, speedup_particles_per_s=speedups,
