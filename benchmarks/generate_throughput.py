@@ -17,6 +17,11 @@ fed back as features: the paper's hybrid) and `token` (token ids fed back).
   the whole prefix and re-runs backbone + head on it (projecting only the last position onto
   the vocabulary, so this baseline is a little faster than the reference's full-logits pass).
 
+Ratios in the final JSON line: `speedup_vs_reference` = cached jets/s / the reference
+implementation's jets/s for the same workload (continuous input, length 100, batch 64 or 256),
+stored in `benchmarks/results/reference.json`; `speedup_vs_padded` = cached / jetfm's own
+recompute baseline in the same run (the robust figure on a loaded machine; needs --ref-iters >= 1).
+
 Warm-up runs (shorter: 8 positions) precede the timed ones; times are wall-clock with the
 device synchronised; CPU seconds of the process are printed too (the machine may be shared).
 Prints a table, then one JSON line with hardware, versions and config.
@@ -144,8 +149,25 @@ def main(argv=None) -> int:
     config = {"length": args.length, "codebook": args.codebook, "iters": args.iters, "ref_iters": args.ref_iters,
               "warmup": args.warmup, "backbone": "8x128, 8 heads, MLP x4; NTP head 2 blocks MLP x2",
               "tokenizer": "4+4 blocks x128, 8 heads, latent 8"}
-    print(json.dumps({"benchmark": "generate_throughput", "hardware": hardware(device), "config": config,
-                      "results": results}))
+    reference_file = Path(__file__).resolve().parent / "results" / "reference.json"
+    reference = json.loads(reference_file.read_text())["generate"] if reference_file.exists() else {}
+    vs_reference, vs_padded = {}, {}
+    for r in results:
+        if not r["cache"]:
+            continue
+        key = f"{r['mode']}/batch{r['batch']}/length{r['length']}"
+        if key in reference:
+            vs_reference[key] = r["jets_per_s"] / reference[key]["jets_per_s"]
+            print(f"vs reference ({reference[key]['jets_per_s']} jets/s stored), {key}: x{vs_reference[key]:.0f}")
+        if "speedup" in r:
+            vs_padded[key] = r["speedup"]
+    hw = hardware(device)
+    try:
+        hw["loadavg_1m"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    print(json.dumps({"benchmark": "generate_throughput", "hardware": hw, "config": config,
+                      "results": results, "speedup_vs_reference": vs_reference, "speedup_vs_padded": vs_padded}))
     return 0
 
 

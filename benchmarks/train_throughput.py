@@ -18,6 +18,15 @@ over the reference vocabulary (8192 codes + start + stop).
   runs through the same SDPA policy as jetfm (fp32 core on CPU), so that the comparison measures
   packing and waste, not the kernel.
 
+Ratios: `speedup_vs_reference` divides jetfm's particles/s by the reference implementation's,
+measured on the development machine and stored as data in `benchmarks/results/reference.json`
+(same workload: joint step, multiplicities clip(round(Gamma(6.5, 7)), 5, 99), dropout on,
+AdamW) — the default `--multiplicities gamma` draws the same distribution;
+`speedup_vs_padded` divides by the padded baseline measured in the same run (the robust
+figure on a loaded machine). The machine's matmul peak (torch.mm on the model's layer shapes,
+fp32 and bf16, same threads) is measured in the same run and achieved GFLOP/s is printed
+against it.
+
 Wall-clock throughput is the headline; particles per CPU-second (process time) is printed too,
 because on a shared machine other processes' load changes wall time far more than CPU time.
 FLOP/s and MFU count the useful work (the packed algorithm's matmul + attention FLOPs, x3 for
@@ -54,8 +63,11 @@ from jetfm.models.objectives import mask_particles, mask_ranks, masked_count  # 
 SIZES = {
     "ref": dict(dim=128, num_heads=8, num_blocks=8),  # docs/METHOD.md §3
     "large": dict(dim=256, num_heads=8, num_blocks=12),
+    "d512": dict(dim=512, num_heads=8, num_blocks=12),  # GPU check: head dim 64 for flash-attn
+    "tiny": dict(dim=32, num_heads=2, num_blocks=1),  # gpu_check.sh --dry-run: the plumbing only
 }
 PEAK_FLOPS = {("H200", "bf16"): 989e12, ("H100", "bf16"): 989e12}
+REFERENCE = Path(__file__).resolve().parent / "results" / "reference.json"
 NUM_FEATURES = 3
 
 
@@ -138,8 +150,39 @@ def sample_multiplicities(args, count: int) -> list[int]:
         pool = dataset_multiplicities(Path(args.data), args.split, limit=100_000)
         idx = torch.randint(0, len(pool), (count,), generator=g)
         return [min(max(pool[i], 1), args.max_particles) for i in idx.tolist()]
-    n = torch.normal(50.0, 20.0, (count,), generator=g).round().clamp(5, 128).clamp(max=args.max_particles)
+    if args.multiplicities == "gamma":  # the reference measurement's workload (results/reference.json)
+        gamma = torch.distributions.Gamma(torch.tensor(6.5), torch.tensor(1 / 7.0))
+        torch.manual_seed(args.seed)
+        n = gamma.sample((count,)).round().clamp(5, 99).clamp(max=args.max_particles)
+    else:
+        n = torch.normal(50.0, 20.0, (count,), generator=g).round().clamp(5, 128).clamp(max=args.max_particles)
     return [int(v) for v in n.tolist()]
+
+
+def matmul_peak(device: torch.device, dim: int, rows: int = 3000, repeats: int = 5) -> dict:
+    """GFLOP/s of torch.mm on the model's block shapes ((rows, D) @ (D, 4D) and back), fp32 and
+    bf16, into reused outputs: the machine's practical matmul peak in this run."""
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(rows, dim, device=device, dtype=dtype)
+        w1 = torch.randn(dim, 4 * dim, device=device, dtype=dtype)
+        w2 = torch.randn(4 * dim, dim, device=device, dtype=dtype)
+        h = torch.empty(rows, 4 * dim, device=device, dtype=dtype)
+        o = torch.empty(rows, dim, device=device, dtype=dtype)
+        best = float("inf")
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            torch.mm(a, w1, out=h)
+            torch.mm(h, w2, out=o)
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
+        out[name] = 2 * 2 * rows * dim * 4 * dim / best / 1e9
+    return out
+
+
+def reference_figures() -> dict:
+    return json.loads(REFERENCE.read_text())["train"] if REFERENCE.exists() else {}
 
 
 def dataset_multiplicities(directory: Path, split: str, limit: int) -> list[int]:
@@ -321,6 +364,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default: 1 on CPU, 5 on CUDA)")
     p.add_argument("--codebook", type=int, default=8192, help="codebook size; the vocabulary is this + 2 (default 8192)")
     p.add_argument("--max-particles", type=int, default=128, help="particles per jet at most (default 128)")
+    p.add_argument("--multiplicities", default="gamma", choices=["gamma", "normal"],
+                   help="gamma: clip(round(Gamma(6.5, 7)), 5, 99), the reference measurement's workload (default); "
+                        "normal: normal(50, 20) clipped to [5, 128]")
     p.add_argument("--data", default=None, help="shard directory: draw multiplicities from its jets")
     p.add_argument("--split", default="train", help="split of --data (default train)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
@@ -394,15 +440,37 @@ def main(argv=None):
                   f"peak memory x{base['peak_mem_mb'] / max(r['peak_mem_mb'], 1e-9):.2f} less")
     mean_n = statistics.mean(lengths)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    peak = matmul_peak(device, SIZES[args.sizes.split(",")[0]]["dim"])
+    print(f"matmul peak in this run (torch.mm, model shapes): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
+    reference = reference_figures()
+    vs_reference, vs_padded = {}, {}
+    for r in results:
+        r["useful_fraction_of_matmul_peak"] = r["useful_gflop_per_s"] / peak[r["dtype"]] if device.type == "cpu" else None
+        if r["impl"] != "packed":
+            continue
+        key = f"{r['size']}/{r['dtype']}"
+        if f"{r['size']}/{r['dtype']}" in speedups:
+            vs_padded[key] = speedups[key]
+        ref = reference.get(f"joint/{r['dtype']}/batch{args.batch_size}")
+        if ref and r["size"] == "ref" and args.data is None and args.multiplicities == "gamma":
+            vs_reference[key] = r["particles_per_s"] / ref["particles_per_s"]
+            print(f"vs reference ({ref['particles_per_s']} particles/s stored), {key}, batch {args.batch_size}: "
+                  f"x{vs_reference[key]:.1f}")
+        print(f"{key}: {r['useful_gflop_per_s']:.1f} useful GFLOP/s = {100 * r['useful_fraction_of_matmul_peak']:.0f}% "
+              f"of this run's {r['dtype']} matmul peak" if r["useful_fraction_of_matmul_peak"] is not None else "")
     print(json.dumps(dict(
         benchmark="train_throughput", objective="joint",
         hardware=hardware(device, args.threads),
         versions=dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda),
         config=dict(batch_size=args.batch_size, iters=args.iters, warmup=args.warmup, codebook=args.codebook,
-                    max_particles=args.max_particles, data=args.data or "normal(50,20) clipped [5,128]",
+                    max_particles=args.max_particles, data=args.data or ("clip(round(Gamma(6.5, 7)), 5, 99)" if args.multiplicities == "gamma"
+                                                       else "normal(50,20) clipped [5,128]"),
                     mean_multiplicity=mean_n, sizes={s: SIZES[s] for s in args.sizes.split(",")}, threads=args.threads,
-                    packed_attention=attention, repeats=args.repeats),
-        results=results, speedup_particles_per_s=speedups, speedup_particles_per_cpu_s=cpu_speedups,
+                    packed_attention=attention, repeats=args.repeats, multiplicities=args.multiplicities),
+        matmul_peak_gflop_per_s=peak, results=results, speedup_particles_per_s=speedups,
+        speedup_particles_per_cpu_s=cpu_speedups, speedup_vs_reference=vs_reference, speedup_vs_padded=vs_padded,
     )))
 
 
