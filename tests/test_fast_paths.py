@@ -109,7 +109,7 @@ def test_model_loss_and_gradients_equal_the_logits_path(objective):
     ref = F.cross_entropy(logits.float(), targets)
     ref.backward()
     torch.testing.assert_close(out["loss"], ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out[f"{objective}_acc"], (logits.argmax(-1) == targets).float().mean())
+    torch.testing.assert_close(out[f"{objective}_acc"].value, (logits.argmax(-1) == targets).float().mean())
     assert fused.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
     for name, grad in fused.items():
         torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -214,15 +214,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden_MD, weight_VD, targets_M, compute_dtype, chunk_rows):
+    def forward(ctx, hidden_MD, weight_VD, targets_M, compute_dtype, chunk_rows, grad_enabled):
         M = hidden_MD.shape[0]
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # grad mode is off inside forward: whether a backward can follow is decided by the caller
+        # (under torch.no_grad, e.g. validation, the gradient products are skipped: a third of the work)
+        need_h, need_w = (grad_enabled and ctx.needs_input_grad[0]), (grad_enabled and ctx.needs_input_grad[1])
+        needs_grad = need_h or need_w
         w_VD = weight_VD.to(compute_dtype)
         h_MD = hidden_MD.to(compute_dtype)
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden_MD.device)
         correct = torch.zeros((), dtype=torch.int64, device=hidden_MD.device)
-        grad_h_MD = torch.empty_like(h_MD) if ctx.needs_input_grad[0] else None
-        grad_w_VD = torch.zeros_like(weight_VD, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_h_MD = torch.empty_like(h_MD) if need_h else None
+        grad_w_VD = torch.zeros_like(weight_VD, dtype=torch.float32) if need_w else None
         with torch.autocast(hidden_MD.device.type, enabled=False):
             for r0 in range(0, M, chunk_rows):
                 h_cD = h_MD[r0:r0 + chunk_rows]
@@ -257,7 +260,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h_dtype, w_dtype = ctx.dtypes
         grad_h = None if grad_h_MD is None else (grad_h_MD * grad_loss.to(grad_h_MD.dtype)).to(h_dtype)
         grad_w = None if grad_w_VD is None else (grad_w_VD * grad_loss).to(w_dtype)
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 def linear_cross_entropy(hidden_MD: torch.Tensor, weight_VD: torch.Tensor, targets_M: torch.Tensor, *,
@@ -273,7 +276,8 @@ def linear_cross_entropy(hidden_MD: torch.Tensor, weight_VD: torch.Tensor, targe
     if hidden_MD.shape[0] == 0:
         zero = (hidden_MD.sum() + weight_VD.sum()).float() * 0.0  # keeps both in the graph
         return zero, torch.zeros((), dtype=torch.int64, device=hidden_MD.device)
-    return _LinearCrossEntropy.apply(hidden_MD, weight_VD, targets_M, _compute_dtype(hidden_MD, weight_VD), chunk_rows)
+    return _LinearCrossEntropy.apply(hidden_MD, weight_VD, targets_M, _compute_dtype(hidden_MD, weight_VD), chunk_rows,
+                                     torch.is_grad_enabled())
 
 
 
