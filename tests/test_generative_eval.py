@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 
+import numpy as np
 import pytest
 
 from jetfm.data.features import particle_features
@@ -51,7 +52,9 @@ def samples(pythia_toptag, tmp_path_factory):
     (root / "run" / "summary.json").write_text(json.dumps({"steps": 7, "mlflow": {"uri": uri, "run_id": run_id}}))
     source = {"kind": "test", "checkpoint": str(root / "run" / "final"), "experiment": "eval-test", "name": "fake"}
 
-    frame, _ = jet_frame_jets(rel[:, 0], rel[:, 1], rel[:, 2], jets.offsets, jets.label)
+    # a generated set carries each particle's sampled token id (the manifest's `tokens` promises them)
+    sampled = np.random.default_rng(0).integers(1, 33, size=len(rel))
+    frame, _ = jet_frame_jets(rel[:, 0], rel[:, 1], rel[:, 2], jets.offsets, jets.label, tokens=sampled)
     _write(root / "gen", frame, manifest, source, tokens_description(torch_tok, tokenizer))
     shifted, _ = jet_frame_jets(rel[:, 0] * 1.3, rel[:, 1] * 1.5, rel[:, 2], jets.offsets, jets.label)
     _write(root / "shifted", shifted, manifest, {"kind": "test"})
