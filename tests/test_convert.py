@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import uproot
 
-from jetfm.data import convert as convert_module
+from jetfm.data import convert_toptag_hdf5
 from jetfm.data.convert import (
     JETCLASS_CLASSES,
     add_convert_arguments,
@@ -326,13 +326,13 @@ def test_toptag_round_trip(tmp_path, fmt, monkeypatch):
     truth = toptag_truth(rng, 33)
     write_toptag(tmp_path / "train.h5", truth, fmt)
     reads = []
-    original = convert_module.TopTagFile._read
+    original = convert_toptag_hdf5.TopTagFile._read
 
     def spy(self, start, stop):
         reads.append(stop - start)
         return original(self, start, stop)
 
-    monkeypatch.setattr(convert_module.TopTagFile, "_read", spy)
+    monkeypatch.setattr(convert_toptag_hdf5.TopTagFile, "_read", spy)
     manifest = convert_toptag([str(tmp_path / "train.h5")], tmp_path / "out", max_particles=10, chunk_size=8,
                               progress=False)
     assert max(reads) <= 8 and sum(reads) == 33  # read in chunks, never whole
