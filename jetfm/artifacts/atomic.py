@@ -108,8 +108,8 @@ _RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100
 
 
-def fsync_dir(path) -> None:
-    """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
+def _fsync_path(path) -> None:
+    """fsync a file or directory by path, best effort (a no-op where it cannot be opened or synced)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -122,20 +122,16 @@ def fsync_dir(path) -> None:
         os.close(fd)
 
 
+def fsync_dir(path) -> None:
+    """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
+    _fsync_path(path)
+
+
 def fsync_tree(root) -> None:
     """fsync every file and directory below `root` (before the rename that publishes it)."""
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
-            try:
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+            _fsync_path(os.path.join(dirpath, name))
         fsync_dir(dirpath)
 
 
