@@ -35,7 +35,7 @@ LAYERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ("jetfm.stages", "jetfm.tokenizer.evaluate", "jetfm.tokenizer.tokenize", "jetfm.finetune.evaluate",
       "jetfm.sampling", "jetfm.evaluation", "jetfm.estimate", "jetfm.scaling")),
     ("trainer", "the training loop",
-     ("jetfm.train", "jetfm.train_metrics")),
+     ("jetfm.train", "jetfm.train_metrics", "jetfm.resume", "jetfm.step_sync", "jetfm.validation")),
     ("commands", "what a user runs: the jetfm command and its subcommands (the data ones included)",
      ("jetfm.cli", "jetfm.demo", "jetfm.sweep", "jetfm.sweep_pretrain", "jetfm.generate", "jetfm.data.generate", "jetfm.data.convert",
       "jetfm.data.inspect", "jetfm.scaling.__main__")),

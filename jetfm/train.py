@@ -42,13 +42,10 @@ Exit status: 0 done, or stopped by SIGTERM/SIGINT after writing a checkpoint (re
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,22 +63,23 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from jetfm import stages
-from jetfm.artifacts.exports import export_stage
 from jetfm.artifacts.atomic import WriteError, append_text
 from jetfm.checkpoint import (CheckpointError, find_checkpoint, load_checkpoint, load_initial_weights,
                               read_trainer_state, save_checkpoint)
-from jetfm.config import Config, ConfigError, describe_keys, flatten, load_config, load_yaml
+from jetfm.config import Config, ConfigError, describe_keys, load_config
 from jetfm.data.format import DataError
 from jetfm.data.reader import make_loader
 from jetfm.data.shards import Manifest
-from jetfm.distributed import describe, full_state_dict, make_accelerator, shard_model, sync_replicas, unwrap
+from jetfm.distributed import describe, make_accelerator, shard_model, sync_replicas, unwrap
 from jetfm.estimate import long_run_warning
-from jetfm.models.objectives import LossNorm, Ratio
 from jetfm.models.optim import build_optimizer
+from jetfm.resume import _apply_optimizer_settings, _check_config_changes, _optimizer_settings
 from jetfm.rundir import RunDirError, claim_run_dir, release_run_dir
+from jetfm.step_sync import StopSignals, add_metrics, loss_norms, make_stop_vote, step_seed
 from jetfm.tracking import start_tracking
 from jetfm.train_metrics import (Diverged, Window, format_summary, grad_norm_tensor, memory_gb,
                                  nonfinite_now, write_summary)
+from jetfm.validation import _guarded_export, _improves, export_final, validate
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_DIVERGED = 0, 1, 2, 3
 STOP_TRACKER_TIMEOUT = 1.0  # seconds a stopped run gives MLflow to take its last records (the rest is spilled)
@@ -479,58 +477,6 @@ def train_step(run: Run, batches: Iterator, window: Window) -> Diverged | None:
     return None
 
 
-def loss_norms(unwrapped, micro: list, accelerator, mask_seed: int) -> list[LossNorm | None]:
-    """One LossNorm per micro-batch of a step, from the stage's `loss_counts(batch)` hook (None
-    each if it has none: its forward then normalises per micro-batch).
-
-    The counts of every micro-batch of every process are added in one all-reduce before any
-    forward; each denominator is that global count / (processes x micro-batches), see LossNorm.
-    A jet's place in the global batch (for its MPM mask) is rank-major, from the jet counts of every
-    micro-batch of every process, gathered on the host (micro-batches may differ by a jet: the data
-    streams split a global batch as evenly as they can), so a split never moves a jet.
-    """
-    counts_of = getattr(unwrapped, "loss_counts", None)
-    if counts_of is None:
-        return [None] * len(micro)
-    accum = len(micro)  # the same on every process
-    counts = [counts_of(batch) for batch in micro]
-    names = sorted(counts[0])
-    total = torch.stack([sum(c[name] for c in counts).float().reshape(()) for name in names])
-    world = accelerator.num_processes
-    if world > 1:
-        total = accelerator.reduce(total, reduction="sum")
-    # an objective with no prediction anywhere has a zero sum: any positive denominator keeps it 0
-    denominators = dict(zip(names, (total.clamp(min=1) / (world * accum)).unbind()))
-    rank = accelerator.process_index
-    jets = torch.tensor([batch.num_jets for batch in micro], dtype=torch.int64)  # host ints: no device sync
-    if world > 1:
-        import torch.distributed as dist
-
-        every = [torch.empty_like(jets) for _ in range(world)]
-        dist.all_gather(every, jets, group=host_group())
-        jets = torch.cat(every)
-    offsets = [0, *torch.cumsum(jets, 0).tolist()]
-    return [LossNorm(denominators, mask_seed, offsets[rank * accum + i]) for i in range(len(micro))]
-
-
-def step_seed(seed: int, step: int) -> int:
-    """The MPM mask seed of optimizer step `step` (validation uses step 0): the same on every process."""
-    return (seed * 1_000_003 + step) & 0xFFFFFFFF
-
-
-def add_metrics(sums: dict, out: dict) -> None:
-    """Add a micro-batch's metrics to `sums`: Ratios add sum and count; a plain number adds itself
-    and 1 (a mean over micro-batches)."""
-    for key, value in out.items():
-        if key == "loss":
-            continue
-        total, count = value if isinstance(value, Ratio) else (value, 1.0)
-        total = torch.as_tensor(total).detach().double()
-        count = torch.as_tensor(count).detach().double().to(total.device)
-        prev = sums.get(key)
-        sums[key] = (total, count) if prev is None else (prev[0] + total, prev[1] + count)
-
-
 def check_finite(window: Window, totals: dict) -> None:
     """Raise Diverged naming the first non-finite step of the window (any process), if there was one."""
     diverged = window.first_nonfinite(totals=totals)
@@ -625,56 +571,6 @@ def summarize(run: Run, status: str, message: str, final_dir: Path | None = None
 
 # --------------------------------------------------------------------------- pieces of the loop
 
-def validate(model, unwrapped, loader, start_state, evaluate, cfg: Config, accelerator, out_dir: Path | None) -> dict:
-    """Validation metrics over every process (losses per prediction where the stage counts them);
-    never disturbs the training RNG streams."""
-    loader.load_state_dict(start_state)
-    device = accelerator.device
-    batches = (b.to(device) for b in itertools.islice(loader, cfg.train.eval_batches))
-    rng_devices = [device] if device.type == "cuda" else []
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=rng_devices), torch.no_grad():
-            if evaluate is not None:
-                result = evaluate(unwrapped, batches, cfg, out_dir)
-                # the stage's own order (the same on every rank), numbers only: a Ratio is added over
-                # processes before dividing, a plain number is averaged over processes
-                names = [k for k, v in result.items()
-                         if isinstance(v, (int, float, Ratio)) or torch.is_tensor(v)]
-                pairs = [(v.total, v.count) if isinstance(v, Ratio) else (float(v), 1.0)
-                         for v in (result[k] for k in names)]
-                values = torch.tensor([[float(t), float(c)] for t, c in pairs], device=device, dtype=torch.float64)
-                if accelerator.num_processes > 1:
-                    values = accelerator.reduce(values, reduction="sum")
-                return {k: (t / c if c else math.nan) for k, (t, c) in zip(names, values.tolist())}
-            # the mean loss, per prediction over every batch of every process (the same masks and
-            # normalisation as training: the stage's loss_counts hook, one denominator for the lot)
-            batches = list(batches)
-            norms = loss_norms(unwrapped, batches, accelerator, step_seed(cfg.seed, 0))
-            counted = bool(norms) and norms[0] is not None
-            # with norms every batch's loss is its share of the mean: over all batches and processes they
-            # add up to (processes x batches) x the per-prediction mean; without, losses are weighted per jet
-            loss_total = torch.zeros((), device=device, dtype=torch.float64)
-            weight = float(len(batches)) if counted else float(sum(b.num_jets for b in batches))
-            metric_sums: dict[str, Any] = {}
-            for batch, norm in zip(batches, norms):
-                out = model(batch) if norm is None else model(batch, norm=norm)
-                loss_total += out["loss"].double() * (1.0 if counted else batch.num_jets)
-                add_metrics(metric_sums, out)
-            names = sorted(metric_sums)
-            stats = torch.stack([loss_total, torch.tensor(weight, device=device, dtype=torch.float64)]
-                                + [v.to(device) for k in names for v in metric_sums[k]])
-            if accelerator.num_processes > 1:
-                stats = accelerator.reduce(stats, reduction="sum")
-            loss = stats[0] / stats[1].clamp(min=1)
-            result = {"loss": loss.item()}
-            for i, k in enumerate(names):
-                total, count = stats[2 + 2 * i].item(), stats[3 + 2 * i].item()
-                result[k] = total / count if count else math.nan
-            return result
-    finally:
-        model.train()
-
 
 def make_compute_meter(cfg: Config, unwrapped, train_loader, state: dict | None, tracker):
     """The run's ComputeMeter (pre-training models: FLOPs too; other stages count particles and
@@ -709,108 +605,6 @@ def compute_metrics(run: Run) -> dict[str, float]:
     return {f"compute/{k}": v for k, v in run.compute.metrics().items()}
 
 
-def export_final(accelerator, model, unwrapped, cfg: Config, manifest, run_dir: Path, name: str = "final",
-                 note: dict | None = None) -> Path:
-    """Write the trained model to run_dir/<name> (final, or best: the stage's best_metric) with the
-    stage's exporter (collective call); `note` is written beside it as <name>/selection.json. The
-    directory is published whole (jetfm.artifacts.exports.export_stage): a run killed while
-    exporting leaves the previous <name>/ or none, never half of one.
-
-    Sharded runs (FSDP2, DeepSpeed) gather the full weights and rank 0 loads them into a fresh
-    CPU copy of the model; replicated runs export the module itself.
-    """
-    from accelerate.utils import DistributedType
-
-    final = run_dir / name
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        state = full_state_dict(accelerator, model)  # collective: full (fp32 master) tensors
-        if not accelerator.is_main_process:
-            accelerator.wait_for_everyone()
-            return final
-        with torch.random.fork_rng(devices=[]):
-            module = stages.build_model(cfg, manifest)
-        module.load_state_dict({k: v.detach().cpu() for k, v in state.items()})
-    else:
-        module = unwrapped
-    if accelerator.is_main_process:
-        # one directory published whole: weights, config and selection.json, or the previous export
-        export_stage(stages.stage_exporter(cfg), module, cfg, final, note)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def _guarded_export(export, *args) -> tuple[Path | None, str]:
-    """(directory, "") or (None, message): a failed export still lets the run close its MLflow run,
-    write summary.json and exit non-zero with the message (the last checkpoint stays usable)."""
-    try:
-        return export(*args), ""
-    except Exception as error:  # noqa: BLE001 - reported, and the exit status says it failed
-        message = f"export of the trained model failed: {type(error).__name__}: {error}"
-        print(f"jetfm: {message}", file=sys.stderr)
-        return None, message
-
-
-def _improves(value, best: dict | None, direction: str) -> bool:
-    """Whether a validation value beats the best so far (non-finite values never do)."""
-    if value is None or not math.isfinite(value):
-        return False
-    if best is None:
-        return True
-    return value > best["value"] if direction == "max" else value < best["value"]
-
-
-class StopSignals:
-    """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and exits 0.
-
-    Signals after the first are absorbed: a pre-empted job gets SIGTERM several times (SLURM
-    signals every process of the step, the launcher forwards its own copy, the batch script
-    forwards the time-limit warning), and a repeat must not kill a process that is writing the
-    checkpoint. Once stopped, the process keeps ignoring them until it exits (restore() turns a
-    default, fatal disposition into "ignore"); SIGKILL still aborts at once.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received: str | None = None
-        self.absorbed = 0  # signals after the first
-        self._previous: dict = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.received is not None:
-            self.absorbed += 1
-            if self.absorbed == 1:
-                _signal_note(f"[jetfm] {name} again: already stopping, absorbed until the checkpoint is written and "
-                             "the process exits (SIGKILL aborts)")
-            return
-        self.received = name
-        _signal_note(f"\n[jetfm] {name}: finishing this step, writing a checkpoint, then exiting (further signals "
-                     "are absorbed)")
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            if self.received is not None and handler in (signal.SIG_DFL, None):
-                handler = signal.SIG_IGN  # on its way out: a repeated pre-emption signal must not make it a crash
-            signal.signal(sig, handler)
-        self._previous = {}
-
-
-def _signal_note(text: str) -> None:
-    """Write from a signal handler: os.write, because print() into a stderr write that the signal
-    interrupted raises "reentrant call" inside the training loop."""
-    try:
-        os.write(2, (text + "\n").encode())
-    except (OSError, ValueError):
-        pass
-
-
 def _batches(loader):
     """Batches over epochs, forever (the loader's state tracks the position)."""
     empty = 0
@@ -829,41 +623,6 @@ def _epochs_done(loader) -> float:
     return round(loader.epoch + loader.batches_done / max(1, loader.batches_per_epoch()), 4)
 
 
-_HOST_GROUPS: dict = {}
-
-
-def host_group():
-    """The process group for small host-side collectives: the default one when it is gloo, else a
-    second, gloo group (created on first use: a collective call, made by every process in step)."""
-    import torch.distributed as dist
-
-    if "gloo" in str(dist.get_backend()):
-        return None
-    if "gloo" not in _HOST_GROUPS:
-        _HOST_GROUPS["gloo"] = dist.new_group(backend="gloo")
-    return _HOST_GROUPS["gloo"]
-
-
-def make_stop_vote(accelerator) -> Callable[[bool], bool]:
-    """`vote(received) -> bool`: whether any process got SIGTERM/SIGINT, agreed on every step.
-
-    Several processes all-reduce one number on the host, over gloo (a second, CPU group when the
-    main one is NCCL), so agreeing never waits for the device's queue of work.
-    """
-    if accelerator.num_processes == 1:
-        return lambda received: received
-    import torch.distributed as dist
-
-    group = host_group()  # collective the first time
-
-    def vote(received: bool) -> bool:
-        flag = torch.tensor([1.0 if received else 0.0])
-        dist.all_reduce(flag, group=group)
-        return bool(flag.item() > 0)
-
-    return vote
-
-
 def _printer(is_main: bool):
     def say(text: str) -> None:
         if is_main:
@@ -876,63 +635,6 @@ def _append_jsonl(path: Path, record: dict, is_main: bool) -> None:
     """One whole line or none (a full disk raises WriteError naming the file and the free space)."""
     if is_main:
         append_text(path, json.dumps(record) + "\n")
-
-
-#: Keys a resumed run cannot change (prefix -> why): they define the model, what it learns, or the
-#: data order. data.batch_size and train.grad_accum_steps may change when the global batch
-#: (batch_size x processes x accumulation) does not; the loader's state checks that.
-FIXED_ON_RESUME = {
-    "stage": "the stage", "builder": "the model", "seed": "the data order", "model.": "the model",
-    "objective.": "the objective", "tokenizer.": "the model", "finetune.mode": "the model",
-    "finetune.pretrained": "the model", "finetune.head_": "the model", "data.path": "the data",
-    "data.features": "the model inputs", "data.inputs": "the model inputs", "data.max_particles": "the model inputs",
-    "data.train_split": "the data", "data.streams": "the data order", "data.shuffle_buffer": "the data order",
-}
-
-
-def _check_config_changes(checkpoint_dir: Path, cfg: Config) -> list[str]:
-    """The keys that differ from the checkpoint's config, as "key (old -> new)": refused (ConfigError
-    naming the key) when they fix the model, objective or data order; otherwise returned, to be
-    reported: the loop reads cadences, step limits, clipping and tracking from the new config, and
-    the optimizer takes the new lr, schedule and AdamW settings (_apply_optimizer_settings)."""
-    try:
-        saved = flatten(load_yaml(checkpoint_dir / "config.yaml"))
-    except Exception as error:  # noqa: BLE001
-        raise CheckpointError(f"{checkpoint_dir / 'config.yaml'}: unreadable ({error}); the changes since the "
-                              "checkpoint cannot be checked") from error
-    current = flatten(cfg.to_dict())
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    for key in changed:
-        why = next((w for prefix, w in FIXED_ON_RESUME.items() if key == prefix or key.startswith(prefix)), None)
-        if why is not None:
-            raise ConfigError(
-                f"--resume: {key} differs from the checkpoint's ({saved.get(key)!r} -> {current.get(key)!r}), and it "
-                f"fixes {why}, which a resumed run cannot change; resume with {key}={saved.get(key)!r}, or start a new "
-                f"run from the checkpoint's weights with train.init_from={checkpoint_dir}")
-    return [f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in changed]
-
-
-_GROUP_SETTINGS = ("betas", "eps", "weight_decay")
-
-
-def _optimizer_settings(optimizer, scheduler) -> dict:
-    """The freshly built optimizer's per-group base lr and AdamW settings (from this run's config)."""
-    inner = getattr(scheduler, "scheduler", scheduler)
-    return {"base_lrs": list(inner.base_lrs),
-            "groups": [{k: g[k] for k in _GROUP_SETTINGS if k in g} for g in optimizer.param_groups]}
-
-
-def _apply_optimizer_settings(optimizer, scheduler, fresh: dict) -> None:
-    """After loading a checkpoint: the config's lr, schedule and AdamW settings replace the saved ones
-    (the saved scheduler state would keep the old base lr; its step count is kept), so a changed
-    optim.lr, optim.schedule, optim.warmup_steps or train.max_steps reaches the optimizer."""
-    inner = getattr(scheduler, "scheduler", scheduler)
-    inner.base_lrs = list(fresh["base_lrs"])
-    step = inner.last_epoch
-    lrs = [base * factor(step) for base, factor in zip(inner.base_lrs, inner.lr_lambdas)]
-    for group, settings, base, lr in zip(optimizer.param_groups, fresh["groups"], inner.base_lrs, lrs):
-        group.update(settings, initial_lr=base, lr=lr)
-    inner._last_lr = lrs
 
 
 if __name__ == "__main__":

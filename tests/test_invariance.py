@@ -85,7 +85,7 @@ def _worker(rank: int, world: int, port: int, out_file: str) -> None:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    from jetfm.train import add_metrics, loss_norms, step_seed
+    from jetfm.step_sync import add_metrics, loss_norms, step_seed
     from jetfm.train_metrics import Window
 
     full, *halves = global_batch()
@@ -191,7 +191,8 @@ def test_validation_loss_is_per_prediction_over_every_batch(tmp_path):
     from jetfm.data.reader import make_loader
     from jetfm.data.shards import Manifest, ShardWriter, creation_info
     from jetfm.models.objectives import LossNorm
-    from jetfm.train import step_seed, validate
+    from jetfm.step_sync import step_seed
+    from jetfm.validation import validate
     from test_trainer import BATCH as CHUNK, JET_FEATURES, KINEMATIC_FEATURES, tiny_config, tiny_jets
 
     rng = np.random.default_rng(5)
