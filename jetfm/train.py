@@ -70,7 +70,8 @@ from jetfm.artifacts.exports import export_stage
 from jetfm.artifacts.atomic import WriteError, append_text
 from jetfm.checkpoint import (CheckpointError, find_checkpoint, load_checkpoint, load_initial_weights,
                               read_trainer_state, save_checkpoint)
-from jetfm.config import Config, ConfigError, describe_keys, flatten, load_config, load_yaml
+from jetfm.config import Config, ConfigError
+from jetfm.config_io import describe_keys, flatten, load_config, load_yaml
 from jetfm.data.format import DataError
 from jetfm.data.reader import make_loader
 from jetfm.data.shards import Manifest
