@@ -26,7 +26,7 @@ LAYERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("metrics", "observables, distances, classification metrics, plots",
      ("jetfm.metrics",)),
     ("config", "the experiment config and the dataclasses of its sections",
-     ("jetfm.config", "jetfm.models.config", "jetfm.tokenizer.config", "jetfm.finetune.config")),
+     ("jetfm.config", "jetfm.config_io", "jetfm.models.config", "jetfm.tokenizer.config", "jetfm.finetune.config")),
     ("models", "modules, objectives, optimizer groups; the tokenizer and classifier models; stage exports",
      ("jetfm.models", "jetfm.tokenizer", "jetfm.finetune", "jetfm.artifacts.exports")),
     ("runtime", "what runs the models: accelerate and parallelism, checkpoints, MLflow tracking and run lookup",

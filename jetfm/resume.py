@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from jetfm.checkpoint import CheckpointError
-from jetfm.config import Config, ConfigError, flatten, load_yaml
+from jetfm.config import Config, ConfigError
+from jetfm.config_io import flatten, load_yaml
 
 
 #: Keys a resumed run cannot change (prefix -> why): they define the model, what it learns, or the

@@ -494,7 +494,8 @@ def run_sweep(args: argparse.Namespace) -> int:
         from jetfm.sweep_pretrain import run_pretrain_sweep
 
         return run_pretrain_sweep(args)
-    from jetfm.config import ConfigError, load_config
+    from jetfm.config import ConfigError
+    from jetfm.config_io import load_config
     from jetfm.data.format import DataError
     from jetfm.data.shards import Manifest
     from jetfm.data.remote import location

@@ -238,11 +238,12 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_pretrain_sweep(args: argparse.Namespace) -> int:
-    from jetfm.config import ConfigError, load_config
+    from jetfm.config import ConfigError
+    from jetfm.config_io import load_config
     from jetfm.data.format import DataError
     from jetfm.data.shards import Manifest
     from jetfm.messages import error, info, output
-    from jetfm.data.reader import split_units
+    from jetfm.data.plan import split_units
     from jetfm.data.subset import subset_jets, subset_units
     from jetfm.scaling.ladder import build_ladder, format_ladder, load_ladder
 

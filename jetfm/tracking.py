@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from jetfm import messages
-from jetfm.config import Config, config_to_dict, flatten
+from jetfm.config import Config, config_to_dict
+from jetfm.config_io import flatten
 
 SPILL_FILE = "mlflow_spill.jsonl"
 RUN_KEY_TAG = "jetfm.run_key"

@@ -66,7 +66,8 @@ from jetfm import stages
 from jetfm.artifacts.atomic import WriteError, append_text
 from jetfm.checkpoint import (CheckpointError, find_checkpoint, load_checkpoint, load_initial_weights,
                               read_trainer_state, save_checkpoint)
-from jetfm.config import Config, ConfigError, describe_keys, load_config
+from jetfm.config import Config, ConfigError
+from jetfm.config_io import describe_keys, load_config
 from jetfm.data.format import DataError
 from jetfm.data.reader import make_loader
 from jetfm.data.shards import Manifest

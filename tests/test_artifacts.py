@@ -28,7 +28,7 @@ from jetfm.artifacts.exports import (
     weights_metadata,
 )
 from jetfm.artifacts.runs import find_run_record, log_to_run, open_run, recorded_step
-from jetfm.config import load_config
+from jetfm.config_io import load_config
 from jetfm.data.features import FeatureTransform, Preprocessing, feature_spec, same_features
 from jetfm.data.format import JET_FEATURES, KINEMATIC_FEATURES, JetArrays
 from jetfm.data.reader import iterate_jets
@@ -76,7 +76,7 @@ _EXPORT_LOOP = textwrap.dedent("""
     import os, signal, sys, torch
     import jetfm.artifacts.atomic as atomic
     from jetfm.artifacts.exports import export_model
-    from jetfm.config import load_config
+    from jetfm.config_io import load_config
 
     def die_at(point):  # SIGKILL this process in export number `kill_at`, before or after atomic.<name>
         name, _, when = point.partition(":")

@@ -16,11 +16,8 @@ from jetfm.config import (
     TrackingConfig,
     TrainConfig,
     config_to_dict,
-    describe_keys,
-    field_docs,
-    flatten,
-    load_config,
 )
+from jetfm.config_io import describe_keys, field_docs, flatten, load_config
 
 
 def write(tmp_path, data: dict | str, name="exp.yaml"):

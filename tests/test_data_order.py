@@ -37,7 +37,7 @@ from test_trainer import (  # noqa: F401 - the fixtures are used by name
 )
 
 from jetfm import checkpoint as ckpt
-from jetfm.config import load_config
+from jetfm.config_io import load_config
 from jetfm.models.optim import lr_factor
 
 STEPS = 20

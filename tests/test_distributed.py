@@ -29,7 +29,7 @@ from test_trainer import (  # noqa: F401 - the fixtures are used by name
     tiny_data,
 )
 
-from jetfm.config import load_config
+from jetfm.config_io import load_config
 from jetfm.distributed import REPO, configure_deepspeed, launch_command, make_accelerator
 
 

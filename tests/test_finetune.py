@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 from test_trainer import _fresh_accelerate_state  # noqa: F401 - autouse fixture: fresh accelerate state, 1 thread
 
 from jetfm import train as trainer
-from jetfm.config import ConfigError, load_config
+from jetfm.config import ConfigError
+from jetfm.config_io import load_config
 from jetfm.data.format import DataError
 from jetfm.data.reader import make_loader
 from jetfm.data.shards import Manifest

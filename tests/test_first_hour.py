@@ -10,7 +10,8 @@ from test_convert import jetclass_truth, write_jetclass
 from test_trainer import _fresh_accelerate_state  # noqa: F401 - autouse fixture: fresh accelerate state, 1 thread
 
 from jetfm import train as trainer
-from jetfm.config import CONFIG_DIR, ConfigError, load_config
+from jetfm.config import ConfigError
+from jetfm.config_io import CONFIG_DIR, load_config
 from jetfm.data.convert import JETCLASS_CLASSES, convert_jetclass
 from jetfm.data.format import DataError
 from jetfm.data.reader import make_loader

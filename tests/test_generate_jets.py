@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from jetfm.config import load_config
+from jetfm.config_io import load_config
 from jetfm.data.format import JET_FEATURES, KINEMATIC_FEATURES
 from jetfm.data.physics import jets_from_constituents
 from jetfm.data.reader import iterate_jets

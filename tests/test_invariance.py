@@ -187,7 +187,7 @@ def test_validation_loss_is_per_prediction_over_every_batch(tmp_path):
     from accelerate.state import AcceleratorState, GradientState
 
     from jetfm import stages
-    from jetfm.config import load_config
+    from jetfm.config_io import load_config
     from jetfm.data.reader import make_loader
     from jetfm.data.shards import Manifest, ShardWriter, creation_info
     from jetfm.models.objectives import LossNorm

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from jetfm.config import ConfigError, load_config
+from jetfm.config import ConfigError
+from jetfm.config_io import load_config
 from jetfm.models.config import ModelConfig, ObjectiveConfig
 from jetfm.models.pretrain import build_pretrain_model
 from jetfm.scaling.ladder import build_ladder, count_parameters, format_ladder, formula_parameters, load_ladder, model_parameters

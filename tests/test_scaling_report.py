@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from jetfm.config import load_config
+from jetfm.config_io import load_config
 from jetfm.models.pretrain import build_pretrain_model
 from jetfm.scaling.__main__ import main
 from jetfm.scaling.ladder import model_parameters

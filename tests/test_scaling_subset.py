@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from test_trainer import write_tiny_dataset
 
-from jetfm.config import ConfigError, load_config
+from jetfm.config import ConfigError
+from jetfm.config_io import load_config
 from jetfm.data.format import DataError
 from jetfm.data.reader import make_loader
 from jetfm.data.subset import subset_jets

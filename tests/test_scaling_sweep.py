@@ -10,7 +10,7 @@ from accelerate.state import AcceleratorState, GradientState
 from test_scaling_trainer import store, tokens  # noqa: F401 - fixtures: tokenized shards, a migrated MLflow store
 
 from jetfm import sweep
-from jetfm.config import load_config
+from jetfm.config_io import load_config
 from jetfm.data.reader import make_loader
 from jetfm.data.shards import Manifest
 from jetfm.models.pretrain import build_pretrain_model

@@ -9,7 +9,7 @@ import pytest
 from accelerate.state import AcceleratorState, GradientState
 
 from jetfm import train as trainer
-from jetfm.config import load_config
+from jetfm.config_io import load_config
 from jetfm.data.reader import make_loader
 from jetfm.data.shards import Manifest
 from jetfm.models.pretrain import build_pretrain_model

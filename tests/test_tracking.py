@@ -18,7 +18,7 @@ from test_trainer import (  # noqa: F401 - fixtures
     tiny_data,
 )
 
-from jetfm.config import load_config
+from jetfm.config_io import load_config
 from jetfm.tracking import SPILL_FILE, NullTracker, Tracker, default_uri, replay_spill, start_tracking
 
 

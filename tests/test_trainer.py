@@ -27,7 +27,7 @@ import yaml
 
 from jetfm import checkpoint as ckpt
 from jetfm import train as trainer
-from jetfm.config import load_config
+from jetfm.config_io import load_config
 from jetfm.data.format import JET_FEATURES, KINEMATIC_FEATURES, JetArrays
 from jetfm.data.shards import Manifest, ShardWriter, creation_info
 from jetfm.models.optim import lr_factor, param_groups

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, ConfigError, config_from_dict, load_config, load_yaml
+from ..config import Config, ConfigError
+from ..config_io import config_from_dict, load_config, load_yaml
 from .atomic import atomic_directory, atomic_write_text
 
 WEIGHTS_FILE = "model.safetensors"

@@ -1,6 +1,6 @@
 """Reading shard sets: a resumable, deterministic jet loader whose order ignores the process count.
 
-How an epoch is laid out (all of it a pure function of (seed, epoch); see `EpochPlan`):
+How an epoch is laid out (all of it a pure function of (seed, epoch); see `data/plan.py`):
 
 1. Every (shard, chunk) of the split is a *unit*; the unit list is permuted with rng(seed, epoch)
    and its jets laid end to end.
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -35,8 +34,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batch import JetBatch
+from .batching import concat_and_cut, cut_pieces, make_batch, to_jet_batch
 from .features import Preprocessing, particle_features
 from .format import DataError, JetArrays, chunk_entries, decode_chunk
+from .plan import EpochPlan, Piece, even_split, split_units
 from .remote import open_store
 from .shards import Manifest
 from .subset import subset_units
@@ -162,87 +163,7 @@ def truncate(jets: JetArrays, max_particles: int) -> JetArrays:
     )
 
 
-# --------------------------------------------------------------------------- the epoch plan
-@dataclass(frozen=True)
-class Unit:
-    shard: int
-    chunk: int
-    n_jets: int
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Jets [lo, hi) of unit `unit` (index into the split's units): what a stream reads of a chunk."""
-
-    unit: int
-    lo: int
-    hi: int
-
-
-def split_units(manifest: Manifest, split: str) -> list[Unit]:
-    units = []
-    for s, shard in enumerate(manifest.shards(split)):
-        n_chunks, n_jets = shard["n_chunks"], shard["n_jets"]
-        for c in range(n_chunks):
-            size = manifest.chunk_size if c < n_chunks - 1 else n_jets - (n_chunks - 1) * manifest.chunk_size
-            units.append(Unit(s, c, size))
-    return units
-
-
-def even_split(total: int, parts: int) -> list[int]:
-    """`total` cut into `parts` sizes differing by at most one, the larger first."""
-    return [total // parts + (i < total % parts) for i in range(parts)]
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """One epoch of a split for `streams` virtual streams: a pure function of (seed, epoch), no ranks.
-
-    The epoch's units (chunks) are permuted (when shuffling) and their jets laid end to end; the
-    global batch of `global_batch` jets takes `stream_batch[s]` of them from stream s (the sizes
-    differ by at most one jet). Stream s reads the contiguous jet range that holds its share of
-    every global batch, so the streams end together and less than one global batch is dropped
-    (drop_last) or kept as a smaller last batch. A stream's range is read in blocks of
-    `block_pieces` pieces whose jets are permuted with rng(seed, epoch, stream, block).
-    """
-
-    pieces: tuple[tuple[Piece, ...], ...]  # per stream, in reading order
-    stream_batch: tuple[int, ...]  # jets of stream s in each full global batch
-    last_batch: tuple[int, ...]  # jets of stream s in the partial last global batch (all 0: none)
-    full_batches: int
-
-    @property
-    def n_batches(self) -> int:
-        return self.full_batches + (sum(self.last_batch) > 0)
-
-    def batch_size(self, stream: int, batch: int) -> int:
-        return self.stream_batch[stream] if batch < self.full_batches else self.last_batch[stream]
-
-    @classmethod
-    def build(cls, units: list[Unit], seed: int, epoch: int, shuffle: bool, streams: int, global_batch: int,
-              drop_last: bool) -> "EpochPlan":
-        order = np.random.default_rng([seed, epoch]).permutation(len(units)) if shuffle else np.arange(len(units))
-        total = sum(u.n_jets for u in units)
-        full = total // global_batch
-        stream_batch = even_split(global_batch, streams)
-        last = [0] * streams if drop_last else even_split(total - full * global_batch, streams)
-        pieces, cursor = [], 0  # cursor: position in the epoch's jets laid end to end
-        starts = np.concatenate([[0], np.cumsum([units[i].n_jets for i in order])])
-        for s in range(streams):
-            lo, hi = cursor, cursor + stream_batch[s] * full + last[s]
-            cursor = hi
-            mine = []
-            first = int(np.searchsorted(starts, lo, side="right")) - 1
-            for k in range(max(first, 0), len(order)):
-                if starts[k] >= hi:
-                    break
-                a, b = max(lo, starts[k]), min(hi, starts[k + 1])
-                if b > a:
-                    mine.append(Piece(int(order[k]), int(a - starts[k]), int(b - starts[k])))
-            pieces.append(tuple(mine))
-        return cls(tuple(pieces), tuple(stream_batch), tuple(last), full)
-
-
+# --------------------------------------------------------------------------- the dataset
 class JetDataset(IterableDataset):
     """Yields (stream, global batch index, batch arrays) for this process's streams, one epoch.
 
@@ -457,82 +378,6 @@ class JetDataset(IterableDataset):
                 yield s, j, arrays
 
 
-def make_batch(pieces) -> dict[str, np.ndarray | int | None]:
-    """pieces: list of (jets, x, reco, jet_indices) from one or more blocks.
-
-    Returns numpy arrays, not tensors: from a worker process they travel by value through the
-    pipe, which for batch-sized arrays is far cheaper than torch's shared-memory files.
-    """
-    xs, recos, tokens, counts, jet_rows, labels = [], [], [], [], [], []
-    for jets, x, reco, idx in pieces:
-        rows = jets.particle_index(idx)
-        xs.append(x[rows])
-        if reco is not None:
-            recos.append(reco[rows])
-        if jets.tokens is not None:
-            tokens.append(jets.tokens[rows])
-        counts.append(jets.offsets[idx + 1] - jets.offsets[idx])
-        jet_rows.append(jets.jet[idx])
-        labels.append(jets.label[idx])
-    return _packed(xs, counts, labels, jet_rows, tokens if len(tokens) == len(pieces) else None,
-                   recos if len(recos) == len(pieces) else None)
-
-
-def _packed(xs, counts, labels, jet_rows, tokens, recos) -> dict:
-    counts = np.concatenate(counts)
-    cu = np.zeros(len(counts) + 1, np.int32)
-    np.cumsum(counts, out=cu[1:])
-    return {
-        "x": np.concatenate(xs),
-        "cu_seqlens": cu,
-        "max_seqlen": int(counts.max()) if len(counts) else 0,
-        "labels": np.concatenate(labels),
-        "jet": np.concatenate(jet_rows),
-        "tokens": None if tokens is None else np.concatenate(tokens).astype(np.int64),
-        "reco": None if recos is None else np.concatenate(recos),
-    }
-
-
-def cut_pieces(pieces: list, sizes: list[int]) -> list[list]:
-    """Pieces (jets, x, reco, jet indices) laid end to end, cut into groups of `sizes` jets."""
-    out, queue = [], list(pieces)
-    for n in sizes:
-        group = []
-        while n:
-            jets, x, reco, idx = queue.pop(0)
-            if len(idx) > n:
-                queue.insert(0, (jets, x, reco, idx[n:]))
-                idx = idx[:n]
-            group.append((jets, x, reco, idx))
-            n -= len(idx)
-        out.append(group)
-    return out
-
-
-def concat_and_cut(parts: list[dict], sizes: list[int]) -> list[dict]:
-    """Stream batches laid end to end (stream order), cut into micro-batches of `sizes` jets."""
-    counts = np.concatenate([np.diff(p["cu_seqlens"]) for p in parts])
-    x = np.concatenate([p["x"] for p in parts])
-    labels = np.concatenate([p["labels"] for p in parts])
-    jet = np.concatenate([p["jet"] for p in parts])
-    tokens = np.concatenate([p["tokens"] for p in parts]) if all(p["tokens"] is not None for p in parts) else None
-    reco = np.concatenate([p["reco"] for p in parts]) if all(p["reco"] is not None for p in parts) else None
-    rows = np.concatenate([[0], np.cumsum(counts)])
-    out, lo = [], 0
-    for n in sizes:
-        a, b = rows[lo], rows[lo + n]
-        out.append(_packed([x[a:b]], [counts[lo : lo + n]], [labels[lo : lo + n]], [jet[lo : lo + n]],
-                           None if tokens is None else [tokens[a:b]], None if reco is None else [reco[a:b]]))
-        lo += n
-    return out
-
-
-def to_jet_batch(arrays: dict) -> JetBatch:
-    """Wrap a batch of numpy arrays as tensors (zero-copy)."""
-    tensor = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
-    return JetBatch(x=tensor(arrays["x"]), cu_seqlens=tensor(arrays["cu_seqlens"]), max_seqlen=arrays["max_seqlen"],
-                    labels=tensor(arrays["labels"]), jet=tensor(arrays["jet"]), tokens=tensor(arrays["tokens"]),
-                    reco=tensor(arrays["reco"]))
 
 
 def _keep_numpy(item):

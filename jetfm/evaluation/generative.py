@@ -359,7 +359,7 @@ def _log_to_mlflow(result: dict, out_dir: Path, manifest: Manifest, generated_di
 def _default_tracking(checkpoint) -> dict | None:
     """{"uri", "run_id": None} from the checkpoint's config when it names no run (tracking on only)."""
     try:
-        from ..config import load_config
+        from ..config_io import load_config
         from ..tracking import default_uri
 
         cfg = load_config(Path(checkpoint) / "config.yaml")

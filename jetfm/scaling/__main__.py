@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "ladder":
-            from jetfm.config import load_config
+            from jetfm.config_io import load_config
 
             from .ladder import build_ladder, format_ladder, load_ladder
 

@@ -107,7 +107,8 @@ class Rung:
 def load_ladder(path: str | Path) -> dict[str, dict]:
     """{size name: model overrides} from a ladder YAML (`sizes: {name: {dim: .., ...}}`), checked:
     every key must be a model size key, every value valid for ModelConfig."""
-    from jetfm.config import ConfigError, load_yaml
+    from jetfm.config import ConfigError
+    from jetfm.config_io import load_yaml
 
     path = Path(path)
     data = load_yaml(path)

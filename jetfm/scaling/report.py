@@ -89,7 +89,7 @@ def _positive(value, what: str) -> float:
 
 def record_from_run(run_dir: Path, data_unit: str = "particles") -> dict:
     """A record from a trainer run directory (see the module doc for the fields read)."""
-    from jetfm.config import load_yaml
+    from jetfm.config_io import load_yaml
 
     path = run_dir / "summary.json"
     summary = json.loads(path.read_text())
