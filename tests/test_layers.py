@@ -240,3 +240,27 @@ def test_checker_names_an_upward_import_and_a_lazy_cycle(tmp_path):
     assert f"{pkg / 'train.py'}:1: jetfm.train imports jetfm.data.reader [import]" in text
     assert f"{pkg / 'data' / 'reader.py'}:5" in text
     assert any(e.how == "by name" and e.line == 3 for e in edges)  # the "module:function" string
+
+
+def test_every_jetfm_import_names_a_module_that_exists(jetfm_graph):
+    """An import of a moved or deleted module fails here, by file and line: an installed copy of an
+    older jetfm on the path (an editable install of another checkout) can hide it from every other test."""
+    modules, _ = jetfm_graph
+    missing = []
+    for importer, path in modules.items():
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                bases = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    anchor = importer.split(".") if is_package else importer.split(".")[:-1]
+                    anchor = anchor[: len(anchor) - (node.level - 1)]
+                    bases = [".".join(anchor + ([node.module] if node.module else []))]
+                else:
+                    bases = [node.module or ""]
+            else:
+                continue
+            missing += [f"{path}:{node.lineno}: {importer} imports {base}, which does not exist"
+                        for base in bases if base.split(".")[0] == "jetfm" and base not in modules]
+    assert not missing, "\n".join(missing)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from jetfm.models.attention import Packing
-from jetfm.objectives import masked_count
+from jetfm.models.objectives import masked_count
 
 ATTENTION_MODES = ("useful", "padded")
 OBJECTIVES = ("ntp", "mpm", "joint")
