@@ -151,4 +151,4 @@ def test_records_from_a_real_pretraining_run(tmp_path, monkeypatch):
     (record,), skipped = load_records(tmp_path / "pre", "jets")
     assert not skipped
     assert record["N_total"] == summary["parameters"] and record["N"] < record["N_total"]
-    assert record["D"] == 3 * summary["global_batch_jets"] and record["losses"] == {"ntp": summary["val"]["loss"]}
+    assert record["D"] == 3 * summary["global_batch_jets"] and record["losses"] == {"ntp": pytest.approx(summary["val"]["loss"], rel=1e-6)}  # val.ntp_loss vs val.loss: same mean, fp32 vs fp64 division
