@@ -60,6 +60,15 @@ def _functions_lines(tree: ast.AST) -> set[int]:
     return lazy
 
 
+def from_base(node: ast.ImportFrom, importer: str, is_package: bool) -> str:
+    """The absolute module a `from ... import` reads from (relative imports resolved)."""
+    if not node.level:
+        return node.module or ""
+    anchor = importer.split(".") if is_package else importer.split(".")[:-1]
+    anchor = anchor[: len(anchor) - (node.level - 1)]
+    return ".".join(anchor + ([node.module] if node.module else []))
+
+
 def import_edges(root: Path) -> tuple[dict[str, Path], list[Edge]]:
     """Every module under `root` and every import of one of them by another."""
     modules = module_names(root)
@@ -76,12 +85,7 @@ def import_edges(root: Path) -> tuple[dict[str, Path], list[Edge]]:
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    anchor = importer.split(".") if is_package else importer.split(".")[:-1]
-                    anchor = anchor[: len(anchor) - (node.level - 1)]
-                    base = ".".join(anchor + ([node.module] if node.module else []))
-                else:
-                    base = node.module or ""
+                base = from_base(node, importer, is_package)
                 # `from pkg import name`: the submodule pkg.name if there is one, else pkg itself
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             elif isinstance(node, ast.Constant) and isinstance(node.value, str) and by_name.match(node.value):
@@ -253,12 +257,7 @@ def test_every_jetfm_import_names_a_module_that_exists(jetfm_graph):
             if isinstance(node, ast.Import):
                 bases = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    anchor = importer.split(".") if is_package else importer.split(".")[:-1]
-                    anchor = anchor[: len(anchor) - (node.level - 1)]
-                    bases = [".".join(anchor + ([node.module] if node.module else []))]
-                else:
-                    bases = [node.module or ""]
+                bases = [from_base(node, importer, is_package)]
             else:
                 continue
             missing += [f"{path}:{node.lineno}: {importer} imports {base}, which does not exist"
