@@ -113,11 +113,14 @@ def test_sigkill_with_workers_resumes_exactly_and_leaves_no_worker(tmp_path, big
     proc = subprocess.Popen([sys.executable, str(REPO / "jetfm" / "train.py"), "--config", str(config)],
                             env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
-    workers = []
-    while time.time() < deadline and ckpt.latest_checkpoint(tmp_path / "killed" / "checkpoints") is None:
-        workers = _children(proc.pid) or workers
-        time.sleep(0.05)
-    workers = _children(proc.pid) or workers
+    seen: set = set()  # every worker pid seen: workers come and go between epochs
+    while time.time() < deadline and (len(seen) < 2 or
+                                      ckpt.latest_checkpoint(tmp_path / "killed" / "checkpoints") is None):
+        seen.update(_children(proc.pid))
+        time.sleep(0.02)
+    while time.time() < deadline and len(_children(proc.pid)) < 2:  # kill while two are alive
+        time.sleep(0.01)
+    workers = list(seen | set(_children(proc.pid)))
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert len(workers) >= 2, (tmp_path / "killed.log").read_text()[-3000:]
