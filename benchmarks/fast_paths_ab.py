@@ -1,14 +1,15 @@
-"""A/B of the training step's fast paths against the plain paths, interleaved in one process.
+"""A/B of the training step with jetfm's CPU kernels against the plain torch path, interleaved in one process.
 
     python benchmarks/fast_paths_ab.py                        # batch 64, bf16, 2 threads, 4 pairs
     python benchmarks/fast_paths_ab.py --batch-size 250 --pairs 2 --threads 2
 
 Why one process with alternating steps: on a shared machine the load changes from minute to
-minute, so two separate runs compare the load, not the code. Here the same model alternates a
-step with the fast paths (fused chunked vocabulary cross-entropy, random-bits dropout) and one
-with the plain paths (logits + `cross_entropy_and_accuracy`, `F.dropout`), swapped by
-replacing the two functions; the medians of CPU and wall time per step are printed, then one
-JSON line. Workload: the reference's (joint step, reference size, multiplicities
+minute, so two separate runs compare the load, not the code. Two models with the same weights
+alternate steps: `model.attention=auto` (the fast paths: the C attention kernel on packed jets,
+fused dropout-add, the C cross-entropy inside the chunked vocabulary loss) and
+`model.attention=sdpa` (bucketed torch SDPA, random-bits dropout, torch ops in the chunked loss);
+both use the trainer's AdamW. The medians of CPU and wall time per step are printed, then one JSON
+line. Workload: the reference's (joint step, reference size, multiplicities
 clip(round(Gamma(6.5, 7)), 5, 99), dropout 0.1, AdamW, bf16 autocast).
 """
 
@@ -24,24 +25,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jetfm.models.backbone as backbone  # noqa: E402
-import jetfm.models.objectives as objectives  # noqa: E402
 from jetfm.models.config import ModelConfig, ObjectiveConfig  # noqa: E402
 from jetfm.models.pretrain import build_pretrain_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_throughput as tt  # noqa: E402
-
-FAST = {"dropout": backbone.dropout, "loss": objectives._mean_loss_and_accuracy}
-PLAIN = {
-    "dropout": lambda x, p, training: F.dropout(x, p, training) if p > 0 else x,
-    "loss": lambda out, h_MD, t_M: objectives.cross_entropy_and_accuracy(out(h_MD), t_M),
-}
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -55,13 +46,16 @@ def main(argv=None):
     lengths = tt.sample_multiplicities(SimpleNamespace(seed=args.seed, data=None, multiplicities="gamma",
                                                        max_particles=128), args.batch_size)
     batch = tt.make_batch(lengths, args.seed, 8192)
-    cfg = SimpleNamespace(model=ModelConfig(**tt.SIZES["ref"]), objective=ObjectiveConfig(name="joint"),
-                          data=SimpleNamespace(features={f"f{i}": {} for i in range(tt.NUM_FEATURES)}, inputs="raw"))
-    model = build_pretrain_model(cfg, SimpleNamespace(tokens={"codebook_size": 8192}, classes=[])).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2, foreach=True)
+    models, optimizers = {}, {}
+    for name, attention in (("fast", "auto"), ("plain", "sdpa")):
+        cfg = SimpleNamespace(model=ModelConfig(**tt.SIZES["ref"], attention=attention), objective=ObjectiveConfig(name="joint"),
+                              data=SimpleNamespace(features={f"f{i}": {} for i in range(tt.NUM_FEATURES)}, inputs="raw"))
+        torch.manual_seed(args.seed)  # same initial weights
+        models[name] = build_pretrain_model(cfg, SimpleNamespace(tokens={"codebook_size": 8192}, classes=[])).train()
+        optimizers[name] = torch.optim.AdamW(models[name].parameters(), lr=1e-3, weight_decay=1e-2)
 
-    def step(paths):
-        backbone.dropout, objectives._mean_loss_and_accuracy = paths["dropout"], paths["loss"]
+    def step(name):
+        model, opt = models[name], optimizers[name]
         cpu, wall = time.process_time(), time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
             out = model(batch)
@@ -70,14 +64,11 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         return time.process_time() - cpu, time.perf_counter() - wall
 
-    try:
-        step(FAST), step(PLAIN)  # warm-up
-        times = {"fast": [], "plain": []}
-        for i in range(args.pairs):
-            for name in (("fast", "plain") if i % 2 == 0 else ("plain", "fast")):
-                times[name].append(step(FAST if name == "fast" else PLAIN))
-    finally:
-        backbone.dropout, objectives._mean_loss_and_accuracy = FAST["dropout"], FAST["loss"]
+    step("fast"), step("plain")  # warm-up (the first fast step builds the kernels if needed)
+    times = {"fast": [], "plain": []}
+    for i in range(args.pairs):
+        for name in (("fast", "plain") if i % 2 == 0 else ("plain", "fast")):
+            times[name].append(step(name))
     T = sum(lengths)
     result = {}
     for name, rows in times.items():

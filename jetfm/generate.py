@@ -65,10 +65,10 @@ def resolve_checkpoint_dir(path) -> Path:
 
 def load_pretrain_checkpoint(path, *, device="cpu"):
     """(cfg, PretrainModel in eval mode, checkpoint dir) from a pretrain export; raises GenerationError
-    unless it is a pre-training checkpoint with an NTP head. Attention runs on SDPA (the KV-cache
+    unless it is a pre-training checkpoint with an NTP head. Attention runs on `auto` (the KV-cache
     step is single-query attention; flash-trained weights load unchanged)."""
     try:
-        cfg, model, directory = load_pretrain(resolve_checkpoint_dir(path), device=device, attention="sdpa")
+        cfg, model, directory = load_pretrain(resolve_checkpoint_dir(path), device=device, attention="auto")
     except ExportError as error:
         raise GenerationError(f"{error}; generation needs a pre-training checkpoint") from None
     if not cfg.objective.uses_ntp or model.ntp is None:

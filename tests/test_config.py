@@ -167,7 +167,7 @@ def test_every_field_is_documented():
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("model.attention=flsh", "model.attention: must be one of 'sdpa', 'flash', got 'flsh' (did you mean 'flash'?)"),
+        ("model.attention=flsh", "model.attention: must be one of 'auto', 'sdpa', 'flash', got 'flsh' (did you mean 'flash'?)"),
         ("model.input_mode=tokens", "model.input_mode: must be one of 'continuous', 'token', got 'tokens'"),
         ("model.conditioning=mass", "model.conditioning: must be one of 'none', 'multiplicity', 'class', got 'mass'"),
         ("objective.name=jiont", "objective.name: must be one of 'ntp', 'mpm', 'joint', got 'jiont'"),
@@ -189,7 +189,7 @@ def test_choices_are_checked_when_sections_are_built_in_python():
     from jetfm.tokenizer.config import TokenizerConfig
 
     cases = [
-        (lambda: ModelConfig(attention="xformers"), "model.attention: must be one of 'sdpa', 'flash', got 'xformers'"),
+        (lambda: ModelConfig(attention="xformers"), "model.attention: must be one of 'auto', 'sdpa', 'flash', got 'xformers'"),
         (lambda: ObjectiveConfig(name="mlm"), "objective.name: must be one of 'ntp', 'mpm', 'joint', got 'mlm'"),
         (lambda: TokenizerConfig(on_collapse="ignore"), "tokenizer.on_collapse: must be one of 'warn', 'raise'"),
         (lambda: FinetuneConfig(select_metric="auc"), "finetune.select_metric: must be one of 'val_auc'"),

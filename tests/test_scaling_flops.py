@@ -19,8 +19,10 @@ MANIFEST = SimpleNamespace(tokens={"codebook_size": CODEBOOK}, classes=["QCD", "
 def make_model(objective, input_mode="continuous"):
     torch.manual_seed(0)
     cfg = SimpleNamespace(
+        # attention=sdpa: FlopCounterMode sees torch's SDPA calls (the `padded` convention is what
+        # they execute); jetfm's C kernel (auto on CPU) executes the `useful` pairs, unseen by torch
         model=ModelConfig(dim=32, num_heads=4, num_blocks=2, head_blocks=1, dropout=0.0, max_particles=64,
-                          input_mode=input_mode),
+                          input_mode=input_mode, attention="sdpa"),
         objective=ObjectiveConfig(name=objective, mask_fraction=0.4),
         data=SimpleNamespace(features={"part_pt": {}, "part_etarel": {}, "part_phirel": {}}, inputs="raw"),
     )

@@ -164,9 +164,10 @@ def read_pretrain(path, *, where: str | None = None) -> PretrainExport:
     return PretrainExport(directory, saved, load_file(str(directory / WEIGHTS_FILE), device="cpu"), version)
 
 
-def load_pretrain(path, *, device="cpu", attention: str | None = "sdpa"):
-    """(cfg, PretrainModel in eval mode, export dir). attention: the kernel to run it with (SDPA by
-    default: flash-trained weights load unchanged); None keeps the config's."""
+def load_pretrain(path, *, device="cpu", attention: str | None = "auto"):
+    """(cfg, PretrainModel in eval mode, export dir). attention: the kernel to run it with (auto by
+    default: flash only for bf16 tensors on CUDA, so flash-trained weights load and run in fp32);
+    None keeps the config's."""
     from ..models.pretrain import PretrainModel
 
     export = read_pretrain(path)

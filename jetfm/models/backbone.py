@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .attention import AttentionBackend, KVCache, Packing, varlen_attention_qkv
 from .config import ModelConfig
 
@@ -55,6 +56,17 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return F.dropout(x, p, training)
 
 
+def residual_dropout(x: torch.Tensor, y: torch.Tensor, p: float, training: bool, *, fused: bool) -> torch.Tensor:
+    """x + dropout(y). `fused` (attention backend auto) on CPU: one C kernel each way, its mask
+    hashed from a seed instead of stored (`cpu_kernels.dropout_add`); else torch ops."""
+    if not training or p == 0:
+        return x + y
+    if (fused and 0 < p < 1 and x.dtype == torch.result_type(x, y)
+            and cpu_kernels.dropout_add_supported(x, y)):
+        return cpu_kernels.dropout_add(x, y, p)
+    return x + dropout(y, p, training)
+
+
 class Block(nn.Module):
     """x + drop(proj(attn(LN(x)))), then x + drop(MLP(LN(x))); GELU MLP."""
 
@@ -84,8 +96,10 @@ class Block(nn.Module):
         a_THK = varlen_attention_qkv(
             qkv_T3HK, packing.cu_seqlens, packing.max_seqlen, causal=causal, backend=self.backend, packing=packing
         )
-        x_TD = x_TD + self._drop(self.proj(a_THK.reshape(T, D)))
-        return x_TD + self._mlp(x_TD)
+        fused = self.backend is AttentionBackend.AUTO
+        x_TD = residual_dropout(x_TD, self.proj(a_THK.reshape(T, D)), self.dropout, self.training, fused=fused)
+        mlp_TD = self.fc2(F.gelu(self.fc1(self.norm2(x_TD))))
+        return residual_dropout(x_TD, mlp_TD, self.dropout, self.training, fused=fused)
 
     def step(self, x_BD: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
         """One new token per sequence (causal by construction), attending to `cache` layer `layer`."""

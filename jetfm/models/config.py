@@ -43,9 +43,11 @@ class ModelConfig:
     head_mlp_ratio: float = 2.0
     """Head MLP hidden width = head_mlp_ratio * dim."""
 
-    attention: Literal["sdpa", "flash"] = "sdpa"
-    """Attention kernel: `sdpa` (torch SDPA, any device) or `flash` (flash-attn varlen, CUDA,
-    fp16/bf16 only). An unsupported combination raises when the model is built. The values are
+    attention: Literal["auto", "sdpa", "flash"] = "auto"
+    """Attention kernel: `auto` (flash-attn on CUDA when installed and under bf16/fp16, else
+    torch SDPA; on CPU jetfm's compiled kernel for packed jets, else SDPA), `sdpa` (torch SDPA,
+    any device: the portable reference path) or `flash` (flash-attn varlen, CUDA, fp16/bf16
+    only). The weights do not depend on it. An unsupported combination raises when the model is built. The values are
     those of `jetfm.models.attention.AttentionBackend` (a test keeps the two equal)."""
 
     conditioning: Literal["none", "multiplicity", "class"] = "none"

@@ -25,7 +25,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from .attention import Packing
+from . import cpu_kernels
+from .attention import AttentionBackend, Packing
 from .backbone import Backbone, Stack
 
 
@@ -214,7 +215,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden_MD, weight_VD, targets_M, compute_dtype, chunk_rows, grad_enabled):
+    def forward(ctx, hidden_MD, weight_VD, targets_M, compute_dtype, chunk_rows, grad_enabled, kernel):
         M = hidden_MD.shape[0]
         # grad mode is off inside forward: whether a backward can follow is decided by the caller
         # (under torch.no_grad, e.g. validation, the gradient products are skipped: a third of the work)
@@ -230,6 +231,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for r0 in range(0, M, chunk_rows):
                 h_cD = h_MD[r0:r0 + chunk_rows]
                 t_c = targets_M[r0:r0 + chunk_rows]
+                if kernel and h_cD.device.type == "cpu":
+                    # C kernel: loss, hits and softmax - onehot in place, three passes over the chunk
+                    z_cV = torch.mm(h_cD, w_VD.t())
+                    chunk_loss, chunk_correct = cpu_kernels.softmax_cross_entropy_(z_cV, t_c, need_grad=needs_grad)
+                    loss_sum += chunk_loss
+                    correct += chunk_correct
+                    if needs_grad:
+                        _accumulate_grads(z_cV, w_VD, h_cD, grad_h_MD, grad_w_VD, r0, chunk_rows)
+                    continue
                 # same rounding as nn.Linear + .float(): logits in the compute dtype, softmax in fp32
                 z_cV = torch.mm(h_cD, w_VD.t()).float()
                 # log-softmax by hand so that the row max serves the accuracy too and the
@@ -244,11 +254,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     continue
                 g_cV = p_cV.div_(sum_c[:, None])  # softmax
                 g_cV[torch.arange(g_cV.shape[0], device=g_cV.device), t_c] -= 1.0
-                g_cV = g_cV.to(compute_dtype)
-                if grad_h_MD is not None:
-                    torch.mm(g_cV, w_VD, out=grad_h_MD[r0:r0 + chunk_rows])
-                if grad_w_VD is not None:
-                    grad_w_VD += torch.mm(g_cV.t(), h_cD)
+                _accumulate_grads(g_cV.to(compute_dtype), w_VD, h_cD, grad_h_MD, grad_w_VD, r0, chunk_rows)
         ctx.save_for_backward(grad_h_MD, grad_w_VD)
         ctx.dtypes = (hidden_MD.dtype, weight_VD.dtype)
         ctx.mark_non_differentiable(correct)
@@ -260,24 +266,34 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h_dtype, w_dtype = ctx.dtypes
         grad_h = None if grad_h_MD is None else (grad_h_MD * grad_loss.to(grad_h_MD.dtype)).to(h_dtype)
         grad_w = None if grad_w_VD is None else (grad_w_VD * grad_loss).to(w_dtype)
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def _accumulate_grads(g_cV, w_VD, h_cD, grad_h_MD, grad_w_VD, r0: int, chunk_rows: int) -> None:
+    """A chunk's d loss / d logits `g_cV` multiplied into the hidden rows' and the weight's gradients."""
+    if grad_h_MD is not None:
+        torch.mm(g_cV, w_VD, out=grad_h_MD[r0:r0 + chunk_rows])
+    if grad_w_VD is not None:
+        grad_w_VD += torch.mm(g_cV.t(), h_cD)
 
 
 def linear_cross_entropy(hidden_MD: torch.Tensor, weight_VD: torch.Tensor, targets_M: torch.Tensor, *,
-                         chunk_rows: int = LOSS_CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+                         chunk_rows: int = LOSS_CHUNK_ROWS, kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss_sum fp32, correct_count int64) of the logits `hidden_MD @ weight_VD.T` against `targets_M`.
 
     Equal (to rounding) to `F.cross_entropy(F.linear(hidden, weight).float(), targets,
     reduction="sum")` and to the number of rows whose target has the highest logit (ties count
     as hits), with gradients for `hidden_MD` and `weight_VD`; the multiply runs in autocast's
     dtype when autocast is on (as `nn.Linear` would), the softmax and sums in fp32. Callers
-    normalise (mean over rows, over particles, over ranks) themselves.
+    normalise (mean over rows, over particles, over ranks) themselves. `kernel` runs each chunk's
+    softmax through jetfm's C kernel on CPU (`cpu_kernels.softmax_cross_entropy_`) when it is built.
     """
     if hidden_MD.shape[0] == 0:
         zero = (hidden_MD.sum() + weight_VD.sum()).float() * 0.0  # keeps both in the graph
         return zero, torch.zeros((), dtype=torch.int64, device=hidden_MD.device)
+    kernel = kernel and hidden_MD.device.type == "cpu" and cpu_kernels.available()
     return _LinearCrossEntropy.apply(hidden_MD, weight_VD, targets_M, _compute_dtype(hidden_MD, weight_VD), chunk_rows,
-                                     torch.is_grad_enabled())
+                                     torch.is_grad_enabled(), kernel)
 
 
 
@@ -290,7 +306,7 @@ class Head(nn.Module):
         self.stack = Stack(blocks, dim, num_heads, mlp_ratio, dropout, backend, layer_offset=layer_offset)
         # No bias: on CPU a biased (M, V) projection costs a full extra pass to copy the bias in
         # (addmm) and another to reduce its gradient; the LayerNorm's bias already provides one.
-        self.out = VocabProjection(dim, vocab_size, bias=False)
+        self.out = VocabProjection(dim, vocab_size, bias=False, kernel=AttentionBackend(backend) is AttentionBackend.AUTO)
 
 
 class VocabProjection(nn.Linear):
@@ -300,11 +316,16 @@ class VocabProjection(nn.Linear):
     wrappers that gather parameters in forward hooks (DeepSpeed ZeRO-3, FSDP) see it used.
     """
 
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = False, kernel: bool = False):
+        """`kernel`: the loss's softmax through jetfm's C kernel on CPU (attention backend auto)."""
+        super().__init__(in_features, out_features, bias=bias)
+        self.kernel = kernel
+
     def forward(self, x_MD: torch.Tensor, targets_M: torch.Tensor | None = None):
         """(M, D) -> (M, V) logits; with `targets_M`: `linear_cross_entropy`'s (loss_sum, correct_count)."""
         if targets_M is None:
             return super().forward(x_MD)
-        return linear_cross_entropy(x_MD, self.weight, targets_M)
+        return linear_cross_entropy(x_MD, self.weight, targets_M, kernel=self.kernel)
 
 
 # --------------------------------------------------------------------------- NTP

@@ -21,8 +21,8 @@ What is counted, and why (the conventions of docs/SCALING.md):
 - Attention by the real lengths (`attention="useful"`, the default): a bidirectional pass
   attends L^2 (query, key) pairs per jet, a causal pass L (L + 1) / 2 — the pairs a causal
   kernel that skips masked blocks (flash-attn varlen, GPU) actually computes, up to its block
-  granularity. This is the number a scaling study wants: it does not change with the kernel.
-- `attention="padded"` instead counts what jetfm's CPU SDPA path executes when it runs the
+  granularity, and exactly the pairs jetfm's C kernel on CPU (`model.attention: auto`) computes. This is the number a scaling study wants: it does not change with the kernel.
+- `attention="padded"` instead counts what jetfm's CPU SDPA path (`model.attention: sdpa`) executes when it runs the
   plain (math) kernel: jets grouped into length buckets, each bucket padded to its longest jet,
   and the full N^2 square computed per jet for causal and bidirectional passes alike. The
   bucket layout is taken from `jetfm.models.attention.Packing` itself. The ratio padded/useful

@@ -76,9 +76,10 @@ class TokenizerConfig:
     the causal decoder learns to decode in any order and is run in pT order at inference."""
     dropout: float = 0.0
     """Dropout on attention and MLP outputs."""
-    attention: Literal["sdpa", "flash"] = "sdpa"
-    """Attention backend of the encoder/decoder blocks (models/attention.py): `sdpa` (any device)
-    or `flash` (flash-attn, CUDA, under bf16 mixed precision). Exports load with sdpa by default."""
+    attention: Literal["auto", "sdpa", "flash"] = "auto"
+    """Attention backend of the encoder/decoder blocks (models/attention.py): `auto` (flash on
+    CUDA under bf16 when installed, jetfm's kernel on CPU, else SDPA), `sdpa` (any device) or
+    `flash` (flash-attn, CUDA, under bf16 mixed precision). Exports load with auto by default."""
     checkpoint: str | None = None
     """Directory of a trained tokenizer (written by save_tokenizer), used by later stages
     (tokenize, pre-training with continuous/reco inputs, generation)."""

@@ -410,12 +410,12 @@ def upgrade_state_dict(state: dict[str, torch.Tensor], version: int) -> dict[str
 
 
 def load_tokenizer(directory, *, device="cpu", features=None, where: str = "config data.features",
-                   attention: str = "sdpa") -> ParticleTokenizer:
+                   attention: str = "auto") -> ParticleTokenizer:
     """Load a saved tokenizer in eval mode (safetensors: no code runs). If `features` is given
     (a feature/preprocessing description), raise TokenizerMismatchError unless it matches.
 
     `attention` is the backend to run with, whatever the export was trained with (weights do not
-    depend on it): sdpa by default, since inference runs in fp32, which flash-attn refuses."""
+    depend on it): auto by default, which never picks flash-attn for fp32 inference."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
