@@ -99,6 +99,10 @@ def test_bad_cu_seqlens_are_refused():
         cpu_kernels.varlen_attention_cpu(qkv.float(), torch.tensor([0, 5, 3, 8], dtype=torch.int32), causal=False)
     with pytest.raises(TypeError, match="causal"):
         cpu_kernels.varlen_attention_cpu(qkv.float(), cu, causal=1)
+    wide = torch.randn(8, 3, 1, 300)
+    assert not cpu_kernels.supports(wide)  # auto then runs SDPA
+    with pytest.raises(ValueError, match="head dim"):
+        cpu_kernels.varlen_attention_cpu(wide, cu, causal=False)
 
 
 @pytest.mark.parametrize("x_dtype,y_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),

@@ -54,6 +54,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 LIBS = ("-lmvec", "-lm")  # glibc's vector expf; retried without -lmvec where it does not exist
 COMPILE_TIMEOUT_S = 120
 DTYPES = (torch.float32, torch.bfloat16)
+MAX_HEAD_DIM = 256  # kernels/varlen_attention.c
 
 
 def cache_dir() -> Path:
@@ -135,8 +136,10 @@ def available() -> bool:
 
 
 def supports(qkv_T3HD: torch.Tensor) -> bool:
-    """Whether the kernel can take this (T, 3, H, D) tensor: CPU, fp32/bf16, and the library exists."""
-    return qkv_T3HD.device.type == "cpu" and qkv_T3HD.dtype in DTYPES and available()
+    """Whether the kernel can take this (T, 3, H, D) tensor: CPU, fp32/bf16, head dim <= 256, and
+    the library exists."""
+    return (qkv_T3HD.device.type == "cpu" and qkv_T3HD.dtype in DTYPES and qkv_T3HD.shape[-1] <= MAX_HEAD_DIM
+            and available())
 
 
 def _check(status: int, what: str) -> None:
@@ -145,6 +148,8 @@ def _check(status: int, what: str) -> None:
     if status == -2:
         raise ValueError(f"CPU attention kernel ({what}): cu_seqlens must start at 0, never decrease and end at "
                          f"the number of packed tokens")
+    if status == -3:
+        raise ValueError(f"CPU attention kernel ({what}): head dim must lie in [1, {MAX_HEAD_DIM}]")
     if status != 0:
         raise RuntimeError(f"CPU attention kernel ({what}) failed with status {status}")
 
