@@ -22,10 +22,11 @@ exact inverse keep probability); different random numbers.
 
 The sources are compiled on first use with the machine's C compiler (`$CC`, else `cc`; flags
 `-O3 -march=native -fopenmp`) into a cache directory (`$JETFM_KERNEL_CACHE`, else
-`~/.cache/jetfm/kernels`), keyed by the source, the compiler, the flags and the CPU model, so a
-home directory shared across a cluster's different nodes never loads a library built for
-another CPU. Without a compiler (or on failure) `available()` is False, one warning says why,
-and attention falls back to SDPA: same mathematics, slower. `model.attention: sdpa` skips it.
+`~/.cache/jetfm/kernels`, else the temp directory where that is read-only), keyed by the
+sources, the compiler, the flags and the CPU model, so a home directory shared across a
+cluster's different nodes never loads a library built for another CPU. Without a compiler (or
+on failure) `available()` is False, one warning says why, and attention, dropout and the loss
+run on torch ops: same mathematics, slower. `model.attention: sdpa` skips the kernels.
 
 OpenMP: the library links `libgomp.so.1`, which resolves to the copy torch has already loaded,
 so the kernels' threads are torch's threads (`torch.get_num_threads()` per call). Results do
@@ -86,12 +87,23 @@ def _build(cc: str) -> Path:
     sources = [src.read_bytes() for src in SOURCES]
     key = hashlib.sha256(b"\0".join([*sources, _compiler_version(cc).encode(), " ".join(FLAGS + LIBS).encode(),
                                      _cpu_identity().encode(), platform.machine().encode()])).hexdigest()[:16]
-    target = cache_dir() / f"jetfm_cpu_kernels-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    name = f"jetfm_cpu_kernels-{key}.so"
+    fallback = Path(tempfile.gettempdir()) / f"jetfm-kernels-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    for directory in (cache_dir(), fallback):  # a read-only home (some clusters): the temp directory
+        if (directory / name).exists():
+            return directory / name
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            if os.access(directory, os.W_OK):
+                break
+        except OSError:
+            continue
+    else:
+        raise RuntimeError(f"no writable directory for the compiled kernels ({cache_dir()}, {fallback}); "
+                           "set JETFM_KERNEL_CACHE")
+    target = directory / name
     # compile next to the target, then rename: processes building at once never load half a file
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
         out = Path(tmp) / target.name
         errors = []
         for libs in (LIBS, ("-lm",)):
