@@ -338,6 +338,9 @@ class KVCache:
         self._v = torch.empty(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch_size, device=device, dtype=torch.int32)
         self.seen = 0  # host-side max of lengths: all sequences advance together
+        # values the models derive from their weights once per cache (a generation batch, over which
+        # the weights stay fixed) instead of at every step: parameter lists, code vectors
+        self.memo: dict = {}
 
     @property
     def num_layers(self) -> int:
