@@ -406,8 +406,8 @@ class KVCache:
             kernel = self._kernel()
             k_LND = self._k[layer].view(self.max_len, B * H, D)
             v_LND = self._v[layer].view(self.max_len, B * H, D)
-            p_NW = torch.softmax(kernel.scores(q_BHD.reshape(B * H, D), k_LND, pos + 1, scale), dim=1)
-            return kernel.mix(p_NW, v_LND, pos + 1).view(B, H, D)
+            p_nN = torch.softmax(kernel.scores(q_BHD.reshape(B * H, D), k_LND, pos + 1, scale), dim=0)
+            return kernel.mix(p_nN, v_LND, pos + 1).view(B, H, D)
         k_BHLD = self.k(layer)[:, :, : pos + 1]
         v_BHLD = self.v(layer)[:, :, : pos + 1]
         compute = _sdpa_upcast(q_BHD.dtype, q_BHD.device)
@@ -451,14 +451,14 @@ static void check(const torch::Tensor& rows, const torch::Tensor& cache, int64_t
   TORCH_CHECK(cache.size(1) == rows.size(0) && cache.size(2) % 16 == 0 && n >= 1 && n <= cache.size(0));
 }
 
-// scores (N, W) = scale * q (N, D) . k[:n] (L, N, D), columns n..W-1 -inf: torch's CPU softmax
-// is ~10x slower on rows shorter than 16 than on a 16-wide row, so rows are padded to W = 16k.
-// q's rows may be strided (q of a qkv block).
+// scores (n, N) = scale * k[:n] (L, N, D) . q (N, D), position-major like the cache, so that both
+// the keys and the scores are written and read in order (softmax then runs over dim 0). q's rows
+// may be strided (q of a qkv block).
 torch::Tensor scores(torch::Tensor q, torch::Tensor k, int64_t n, double scale) {
   check(q, k, n);
-  const int64_t N = k.size(1), D = k.size(2), C = D / 16, W = (n + 15) / 16 * 16;
+  const int64_t N = k.size(1), D = k.size(2), C = D / 16;
   TORCH_CHECK(q.size(1) == D);
-  auto out = torch::empty({N, W}, q.options());
+  auto out = torch::empty({n, N}, q.options());
   const float* qp = q.data_ptr<float>(); const float* kp = k.data_ptr<float>(); float* op = out.data_ptr<float>();
   const int64_t qs = q.stride(0);
   const float sc = static_cast<float>(scale);
@@ -470,27 +470,25 @@ torch::Tensor scores(torch::Tensor q, torch::Tensor k, int64_t n, double scale) 
         __builtin_prefetch(ki + PREFETCH);
         v16 dot = load16(qi) * load16(ki);
         for (int64_t c = 1; c < C; ++c) dot += load16(qi + 16 * c) * load16(ki + 16 * c);
-        op[i * W + l] = hsum16(dot) * sc;
+        op[l * N + i] = hsum16(dot) * sc;
       }
     }
-    for (int64_t i = begin; i < end; ++i)
-      for (int64_t l = n; l < W; ++l) op[i * W + l] = -INFINITY;
   });
   return out;
 }
 
-// out (N, D) = p[:, :n] (N, W) @ v[:n] (L, N, D): out[i] = sum over l, in order, of p[i, l] v[l, i]
+// out (N, D) = sum over l < n, in order, of p[l, i] v[l, i]; p (n, N), v (L, N, D)
 torch::Tensor mix(torch::Tensor p, torch::Tensor v, int64_t n) {
-  check(p, v, n);
-  TORCH_CHECK(p.size(1) >= n);
+  TORCH_CHECK(p.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && p.is_contiguous() && v.is_contiguous());
+  TORCH_CHECK(p.dim() == 2 && v.dim() == 3 && p.size(0) == n && p.size(1) == v.size(1) && n <= v.size(0));
+  TORCH_CHECK(v.size(2) % 16 == 0 && n >= 1);
   const int64_t N = v.size(1), D = v.size(2), C = D / 16;
   auto out = torch::empty({N, D}, p.options());
   const float* pp = p.data_ptr<float>(); const float* vp = v.data_ptr<float>(); float* op = out.data_ptr<float>();
-  const int64_t ps = p.stride(0);
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
       for (int64_t c = 0; c < C; ++c) {
-        v16 x = pp[i * ps] * load16(vp + i * D + 16 * c);
+        v16 x = pp[i] * load16(vp + i * D + 16 * c);
         std::memcpy(op + i * D + 16 * c, &x, sizeof(x));
       }
     for (int64_t l = 1; l < n; ++l) {
@@ -498,7 +496,7 @@ torch::Tensor mix(torch::Tensor p, torch::Tensor v, int64_t n) {
       for (int64_t i = begin; i < end; ++i)
         for (int64_t c = 0; c < C; ++c) {
           __builtin_prefetch(vl + i * D + 16 * c + PREFETCH);
-          v16 x = load16(op + i * D + 16 * c) + pp[i * ps + l] * load16(vl + i * D + 16 * c);
+          v16 x = load16(op + i * D + 16 * c) + pp[l * N + i] * load16(vl + i * D + 16 * c);
           std::memcpy(op + i * D + 16 * c, &x, sizeof(x));
         }
     }
@@ -527,7 +525,7 @@ torch::Tensor stack_step(torch::Tensor x, std::vector<torch::Tensor> params, tor
       std::memcpy(vdst + b * D, src + b * 3 * D + 2 * D, D * sizeof(float));
     }
     auto q = qkv.view({B, 3, H, K}).select(1, 0).reshape({N, K});  // copy: q's rows are strided per jet
-    auto a = mix(at::softmax(scores(q, kc, pos + 1, scale), 1), vc, pos + 1).view({B, D});
+    auto a = mix(at::softmax(scores(q, kc, pos + 1, scale), 0), vc, pos + 1).view({B, D});
     x = at::addmm(p[5], a, p[4].t()).add_(x);  // x + proj(a): fp addition commutes exactly
     auto m = at::gelu(at::addmm(p[9], at::layer_norm(x, {D}, p[6], p[7], eps), p[8].t()));
     x = at::addmm(p[11], m, p[10].t()).add_(x);
