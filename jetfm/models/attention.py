@@ -486,6 +486,18 @@ torch::Tensor mix(torch::Tensor p, torch::Tensor v, int64_t n) {
   auto out = torch::empty({N, D}, p.options());
   const float* pp = p.data_ptr<float>(); const float* vp = v.data_ptr<float>(); float* op = out.data_ptr<float>();
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    if (C == 1) {  // head dim 16: 16 rows' sums stay in registers over all positions
+      for (; begin + 16 <= end; begin += 16) {
+        v16 acc[16];
+        for (int r = 0; r < 16; ++r) acc[r] = pp[begin + r] * load16(vp + (begin + r) * 16);
+        for (int64_t l = 1; l < n; ++l) {
+          const float* vl = vp + (l * N + begin) * 16; const float* pl = pp + l * N + begin;
+          for (int r = 0; r < 16; ++r) __builtin_prefetch(vl + 4 * N * 16 + 16 * r);
+          for (int r = 0; r < 16; ++r) acc[r] += pl[r] * load16(vl + 16 * r);
+        }
+        for (int r = 0; r < 16; ++r) std::memcpy(op + (begin + r) * 16, &acc[r], sizeof(v16));
+      }
+    }
     for (int64_t i = begin; i < end; ++i)
       for (int64_t c = 0; c < C; ++c) {
         v16 x = pp[i] * load16(vp + i * D + 16 * c);
