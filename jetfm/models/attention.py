@@ -305,7 +305,8 @@ class KVCache:
     all sequences on by one. Storage is (layers, B, L, H, D) for flash — the layout flash-attn's
     `flash_attn_with_kvcache` reads and appends to in place —, (layers, B, H, L, D) for SDPA on
     an accelerator, whose kernel then reads a contiguous prefix instead of copying a transposed
-    view every step, and position-major (layers, L, B, H, D) on CPU: the filled prefix of a
+    view every step, and position-major (layers, L, B, H, D) on CPU when the compiled kernels
+    below run (fp32, head dim a multiple of 16, a C++ compiler at hand): the filled prefix of a
     layer is then one contiguous block that the one-query kernels below stream through (in the
     per-(jet, head) layout each row's prefix is a separate 1-6 KB piece, and reading them ran at
     a third of the memory bandwidth), and a step's new k/v of a layer is one contiguous row.
@@ -325,7 +326,9 @@ class KVCache:
     ):
         self.backend = AttentionBackend(backend)
         self.max_len = int(max_len)
-        self.position_major = self.backend is AttentionBackend.SDPA and torch.device(device or "cpu").type == "cpu"
+        # position-major only where the kernels below read it: SDPA would copy its permuted views
+        self.position_major = (self.backend is AttentionBackend.SDPA and torch.device(device or "cpu").type == "cpu"
+                               and dtype == torch.float32 and head_dim % 16 == 0 and self._kernel() is not None)
         if self.backend is AttentionBackend.FLASH:
             shape = (num_layers, batch_size, self.max_len, num_heads, head_dim)
         elif self.position_major:
@@ -402,7 +405,7 @@ class KVCache:
         self.k(layer)[:, :, pos] = k_BHD
         self.v(layer)[:, :, pos] = v_BHD
         B, H, D = q_BHD.shape
-        if self.position_major and q_BHD.dtype == self.dtype == torch.float32 and D % 16 == 0 and self._kernel():
+        if self.position_major and q_BHD.dtype == torch.float32:
             kernel = self._kernel()
             k_LND = self._k[layer].view(self.max_len, B * H, D)
             v_LND = self._v[layer].view(self.max_len, B * H, D)
