@@ -123,3 +123,19 @@ def test_position_major_cache_views_and_select(kernel):
     cache.select(torch.tensor([3, 1]))
     assert cache.batch_size == 2 and cache.lengths.tolist() == [3, 3]
     torch.testing.assert_close(cache.v(0)[:, :, :3], v.permute(1, 2, 0, 3)[[3, 1]])
+
+
+def test_kernels_split_over_threads(kernel):
+    """Rows split over torch's threads (at::parallel_for, 64 rows a chunk) give the one-thread result."""
+    gen = torch.Generator().manual_seed(1)
+    k_LND, v_LND, q_ND = torch.randn(30, 200, 16, generator=gen), torch.randn(30, 200, 16, generator=gen), \
+        torch.randn(200, 16, generator=gen)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            outs.append(kernel.mix(torch.softmax(kernel.scores(q_ND, k_LND, 30, 0.25), 0), v_LND, 30))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])

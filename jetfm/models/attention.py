@@ -564,9 +564,12 @@ torch::Tensor stack_step(torch::Tensor x, std::vector<torch::Tensor> params, tor
         try:
             from torch.utils.cpp_extension import load_inline  # noqa: PLC0415
 
-            flags = ["-O3", "-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-O3"]
+            # -fopenmp: at::parallel_for is inline and splits the rows over torch's threads only when
+            # compiled with OpenMP (torch's CPU builds use it); without it the kernels ran on one thread
+            flags = ["-O3", "-fopenmp"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
             return load_inline(name=f"jetfm_kv_attend_{platform.machine()}", cpp_sources=KVCache._KERNEL_SOURCE,
-                               functions=["scores", "mix", "stack_step"], extra_cflags=flags, verbose=False)
+                               functions=["scores", "mix", "stack_step"], extra_cflags=flags,
+                               extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as error:  # no compiler / headers: the SDPA path is correct, only slower
             warnings.warn(f"KVCache: compiled one-query attention unavailable ({type(error).__name__}: "
                           f"{str(error)[:200]}); using SDPA", stacklevel=2)
