@@ -22,6 +22,12 @@ implementation's jets/s for the same workload (continuous input, length 100, bat
 stored in `benchmarks/results/reference.json`; `speedup_vs_padded` = cached / jetfm's own
 recompute baseline in the same run (the robust figure on a loaded machine; needs --ref-iters >= 1).
 
+On CPU (fp32) the cached path runs the KV cache's compiled kernels (jetfm/models/attention.py,
+KVCache: one-query attention and whole block steps in C++, built on first use, ~30 s, then kept
+by torch under ~/.cache/torch_extensions); the JSON line records whether they ran and how long
+loading them took. `--no-kernel` runs the same path without them (SDPA and Python block steps:
+the fallback of machines without a C++ compiler), for an A/B in the same conditions.
+
 Warm-up runs (shorter: 8 positions) precede the timed ones; times are wall-clock with the
 device synchronised; CPU seconds of the process are printed too (the machine may be shared).
 Prints a table, then one JSON line with hardware, versions and config.
@@ -43,6 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jetfm.generate import generate_jets  # noqa: E402
+from jetfm.models.attention import KVCache  # noqa: E402
 from jetfm.models.config import ModelConfig, ObjectiveConfig  # noqa: E402
 from jetfm.models.pretrain import PretrainModel  # noqa: E402
 from jetfm.tokenizer.config import TokenizerConfig  # noqa: E402
@@ -114,10 +121,18 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="warm-up runs per configuration")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--no-kernel", action="store_true",
+                        help="without the KV cache's compiled CPU kernels (sets JETFM_DECODE_KERNEL=0)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_kernel:
+        os.environ["JETFM_DECODE_KERNEL"] = "0"
     device = torch.device(args.device)
+    started = time.perf_counter()
+    kernel = {"available": KVCache._kernel() is not None, "load_seconds": round(time.perf_counter() - started, 2)}
+    print(f"KV cache kernels: {'loaded' if kernel['available'] else 'off'} ({kernel['load_seconds']} s)",
+          file=sys.stderr, flush=True)
     results = []
     with torch.inference_mode():
         for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
@@ -148,7 +163,7 @@ def main(argv=None) -> int:
               f"{r['particles_per_s']:.0f} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | {speed} |")
     config = {"length": args.length, "codebook": args.codebook, "iters": args.iters, "ref_iters": args.ref_iters,
               "warmup": args.warmup, "backbone": "8x128, 8 heads, MLP x4; NTP head 2 blocks MLP x2",
-              "tokenizer": "4+4 blocks x128, 8 heads, latent 8"}
+              "tokenizer": "4+4 blocks x128, 8 heads, latent 8", "kernel": kernel}
     reference_file = Path(__file__).resolve().parent / "results" / "reference.json"
     reference = json.loads(reference_file.read_text())["generate"] if reference_file.exists() else {}
     vs_reference, vs_padded = {}, {}

@@ -193,6 +193,21 @@ class PretrainModel(nn.Module):
         calls take the previous particle: features x_BF (continuous mode) or token ids tokens_B.
         Conditioning (multiplicity_B or labels_B) is needed on every call when configured.
         """
+        return self.ntp.head.out(self.ntp_features_step(cache, x_BF=x_BF, tokens_B=tokens_B,
+                                                        multiplicity_B=multiplicity_B, labels_B=labels_B))
+
+    def ntp_features_step(
+        self,
+        cache: KVCache,
+        *,
+        x_BF: torch.Tensor | None = None,
+        tokens_B: torch.Tensor | None = None,
+        multiplicity_B: torch.Tensor | None = None,
+        labels_B: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """ntp_logits_step without the vocabulary projection: the NTP head's normalized output
+        (B, D). For callers that project into a buffer of their own (sampling keeps one padded
+        (B, V) logits buffer for the whole batch instead of a fresh 2 MB tensor every step)."""
         if self.ntp is None:
             raise ValueError("this model has no NTP head (objective.name=mpm)")
         B = cache.batch_size
@@ -206,7 +221,7 @@ class PretrainModel(nn.Module):
         z_BD = self.backbone.step(h_BD, cache, cond_BD=cond_BD)
         z_BD = self.ntp.head.stack.step(z_BD, cache)
         cache.advance()
-        return self.ntp.head.out(z_BD)
+        return z_BD
 
 
 def build_pretrain_model(cfg, manifest) -> PretrainModel:

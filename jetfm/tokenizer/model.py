@@ -289,7 +289,12 @@ class ParticleTokenizer(nn.Module):
         check_token_ids(new_token_ids, self.codebook_size, where="decode_step")
         if cache.seen >= cache.max_len:
             raise ValueError(f"decode_step: the cache is full ({cache.max_len} particles); make a larger one with new_cache")
-        h_BH = self.decoder.step(self.from_latent(self.codebook.lookup(new_token_ids.long() - 1)), cache)
+        # the effective code vectors (K, latent) once per cache, not at every step (an affine
+        # codebook recomputes all K of them on each lookup; the weights are fixed over a cache's life)
+        vectors_KL = cache.memo.get("code_vectors")
+        if vectors_KL is None:
+            vectors_KL = cache.memo["code_vectors"] = self.codebook.vectors()
+        h_BH = self.decoder.step(self.from_latent(vectors_KL[new_token_ids.long() - 1]), cache)
         cache.advance()
         return self.head(h_BH)
 

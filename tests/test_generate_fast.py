@@ -1,0 +1,142 @@
+"""The fast generation path (compiled one-query attention and block step on a position-major CPU
+KV cache, padded logits buffer, per-cache memo) samples exactly the tokens of the plain path.
+
+The models here have head dim 16, the smallest the compiled kernels take, so that the fast path
+really runs (the tiny models of the other generation tests, head dim 4, take the SDPA fallback).
+Random weights, fp32, CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jetfm.models.attention import KVCache
+from jetfm.models.config import ModelConfig, ObjectiveConfig
+from jetfm.models.pretrain import PretrainModel
+from jetfm.sampling import generate_jets
+from jetfm.tokenizer.config import TokenizerConfig
+from jetfm.tokenizer.model import ParticleTokenizer
+
+CODES, L = 48, 32
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    module = KVCache._kernel()
+    if module is None:
+        pytest.skip("the compiled KV-cache kernels cannot be built here (no C++ compiler?)")
+    return module
+
+
+def _models(input_mode: str, conditioning: str = "none"):
+    torch.manual_seed(0)
+    model = PretrainModel(
+        ModelConfig(dim=32, num_heads=2, num_blocks=2, head_blocks=1, input_mode=input_mode, max_particles=L,
+                    conditioning=conditioning),
+        ObjectiveConfig(name="ntp"), vocab_size=CODES + 2, num_features=3, num_classes=3,
+    ).eval()
+    tokenizer = ParticleTokenizer(TokenizerConfig(codebook_size=CODES, hidden_dim=32, num_heads=2, encoder_blocks=1,
+                                                  decoder_blocks=2)).eval()
+    with torch.no_grad():  # peaked logits (random init gives near-uniform ones), so that jets also stop
+        model.ntp.head.out.weight.mul_(40.0)
+    return model, tokenizer
+
+
+def _generate(model, tokenizer, use_cache: bool, **kwargs):
+    return generate_jets(model, tokenizer, 40, batch_size=32, max_length=L, temperature=3.0,
+                         generator=torch.Generator().manual_seed(7), use_cache=use_cache, **kwargs)
+
+
+@pytest.mark.parametrize("input_mode,conditioning", [("continuous", "none"), ("token", "none"),
+                                                     ("continuous", "class"), ("token", "multiplicity")])
+def test_fast_path_tokens_equal_recompute(kernel, input_mode, conditioning):
+    model, tokenizer = _models(input_mode, conditioning)
+    cond = {"class": {"labels": torch.arange(40) % 3}, "multiplicity": {"multiplicity": torch.arange(40) % L + 1},
+            "none": {}}[conditioning]
+    fast, full = (_generate(model, tokenizer, use_cache, **cond) for use_cache in (True, False))
+    assert torch.equal(fast.cu_seqlens, full.cu_seqlens)
+    assert torch.equal(fast.tokens, full.tokens)
+    torch.testing.assert_close(fast.features, full.features, atol=1e-4, rtol=1e-4)
+    # a quarter of the first batch stopped: the caches were compacted mid-batch (sampling.py)
+    assert int(fast.stopped[:32].sum()) >= 8 and (~fast.stopped).any()
+
+
+@pytest.mark.parametrize("input_mode", ["continuous", "token"])
+def test_fast_path_tokens_equal_block_by_block_steps(kernel, input_mode, monkeypatch):
+    """The compiled block step + kernels against the Python block steps with SDPA on the same cache
+    machinery (the path of machines without a compiler)."""
+    model, tokenizer = _models(input_mode)
+    fast = _generate(model, tokenizer, True)
+    monkeypatch.setattr(KVCache, "_kernel", staticmethod(lambda: None))
+    plain = _generate(model, tokenizer, True)
+    assert torch.equal(fast.tokens, plain.tokens) and torch.equal(fast.cu_seqlens, plain.cu_seqlens)
+    torch.testing.assert_close(fast.features, plain.features, atol=1e-5, rtol=1e-5)
+
+
+def test_step_logits_equal_block_by_block(kernel, monkeypatch):
+    model, _ = _models("continuous")
+    x_BNF = torch.randn(5, 9, 3)
+
+    def run():
+        cache = model.new_cache(5, max_len=10)
+        with torch.inference_mode():
+            out = [model.ntp_logits_step(cache)] + [model.ntp_logits_step(cache, x_BF=x_BNF[:, i]) for i in range(9)]
+        return torch.stack(out, 1)
+
+    fast = run()
+    monkeypatch.setattr(KVCache, "_kernel", staticmethod(lambda: None))
+    torch.testing.assert_close(fast, run(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 40])
+def test_one_query_kernels_equal_sdpa(kernel, n):
+    """scores + softmax over positions + mix on the position-major layout (L, N, D) equal SDPA;
+    head dim 16 and 32."""
+    for D in (16, 32):
+        gen = torch.Generator().manual_seed(n * D)
+        k_LND, v_LND = torch.randn(41, 12, D, generator=gen), torch.randn(41, 12, D, generator=gen)
+        q_ND = torch.randn(12, 3 * D, generator=gen)[:, D: 2 * D]  # strided rows, as from a qkv block
+        scores_nN = kernel.scores(q_ND, k_LND, n, 1 / math.sqrt(D))
+        assert scores_nN.shape == (n, 12)
+        out = kernel.mix(torch.softmax(scores_nN, 0), v_LND, n)
+        ref = F.scaled_dot_product_attention(q_ND[:, None], k_LND[:n].transpose(0, 1), v_LND[:n].transpose(0, 1))
+        torch.testing.assert_close(out, ref[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_position_major_cache_views_and_select(kernel):
+    """k(layer)/v(layer) stay (B, H, L, D) views and select() keeps jets in order on the CPU layout."""
+    B, H, D = 4, 2, 16
+    cache = KVCache(1, B, H, D, max_len=6)
+    assert cache.position_major and cache.batch_size == B
+    q, k, v = (torch.randn(3, B, H, D) for _ in range(3))
+    outs = []
+    for i in range(3):
+        outs.append(cache.attend(0, q[i], k[i], v[i]))
+        cache.advance()
+    torch.testing.assert_close(cache.k(0)[:, :, :3], k.permute(1, 2, 0, 3))
+    ref = F.scaled_dot_product_attention(q[2][:, :, None], k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3))[:, :, 0]
+    torch.testing.assert_close(outs[2], ref, atol=1e-5, rtol=1e-5)
+    cache.select(torch.tensor([3, 1]))
+    assert cache.batch_size == 2 and cache.lengths.tolist() == [3, 3]
+    torch.testing.assert_close(cache.v(0)[:, :, :3], v.permute(1, 2, 0, 3)[[3, 1]])
+
+
+def test_kernels_split_over_threads(kernel):
+    """Rows split over torch's threads (at::parallel_for, 64 rows a chunk) give the one-thread result."""
+    gen = torch.Generator().manual_seed(1)
+    k_LND, v_LND, q_ND = torch.randn(30, 200, 16, generator=gen), torch.randn(30, 200, 16, generator=gen), \
+        torch.randn(200, 16, generator=gen)
+    p_nN = torch.softmax(kernel.scores(q_ND, k_LND, 30, 0.25), 0)  # (torch's softmax may round per split)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            outs.append((kernel.scores(q_ND, k_LND, 30, 0.25), kernel.mix(p_nN, v_LND, 30)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
