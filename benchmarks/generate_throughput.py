@@ -22,11 +22,11 @@ implementation's jets/s for the same workload (continuous input, length 100, bat
 stored in `benchmarks/results/reference.json`; `speedup_vs_padded` = cached / jetfm's own
 recompute baseline in the same run (the robust figure on a loaded machine; needs --ref-iters >= 1).
 
-On CPU (fp32) the cached path runs the KV cache's compiled kernels (jetfm/models/attention.py,
-KVCache: one-query attention and whole block steps in C++, built on first use, ~30 s, then kept
-by torch under ~/.cache/torch_extensions); the JSON line records whether they ran and how long
-loading them took. `--no-kernel` runs the same path without them (SDPA and Python block steps:
-the fallback of machines without a C++ compiler), for an A/B in the same conditions.
+On CPU (fp32) the cached path runs the KV cache's compiled kernels (model.attention=auto;
+jetfm/models/kernels/kv_decode.cpp: one-query attention and whole block steps in C++, built on
+first use, ~30 s, then cached, see docs/SPEED.md); the JSON line records whether they ran and how
+long loading them took. `--no-kernel` builds the models with model.attention=sdpa, the plain torch
+path (SDPA and Python block steps: the fallback of machines without a compiler), for an A/B.
 
 Warm-up runs (shorter: 8 positions) precede the timed ones; times are wall-clock with the
 device synchronised; CPU seconds of the process are printed too (the machine may be shared).
@@ -56,13 +56,14 @@ from jetfm.tokenizer.config import TokenizerConfig  # noqa: E402
 from jetfm.tokenizer.model import ParticleTokenizer  # noqa: E402
 
 
-def build(mode: str, device, codebook: int):
+def build(mode: str, device, codebook: int, attention: str = "auto"):
     torch.manual_seed(0)
     model = PretrainModel(
-        ModelConfig(dim=128, num_heads=8, num_blocks=8, head_blocks=2, input_mode=mode, max_particles=128),
+        ModelConfig(dim=128, num_heads=8, num_blocks=8, head_blocks=2, input_mode=mode, max_particles=128,
+                    attention=attention),
         ObjectiveConfig(name="ntp"), vocab_size=codebook + 2, num_features=3,
     ).to(device).eval()
-    tokenizer = ParticleTokenizer(TokenizerConfig(codebook_size=codebook)).to(device).eval()
+    tokenizer = ParticleTokenizer(TokenizerConfig(codebook_size=codebook, attention=attention)).to(device).eval()
     return model, tokenizer
 
 
@@ -122,21 +123,20 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--no-kernel", action="store_true",
-                        help="without the KV cache's compiled CPU kernels (sets JETFM_DECODE_KERNEL=0)")
+                        help="the plain torch path: models built with attention=sdpa (no compiled kernels)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.no_kernel:
-        os.environ["JETFM_DECODE_KERNEL"] = "0"
     device = torch.device(args.device)
     started = time.perf_counter()
-    kernel = {"available": KVCache._kernel() is not None, "load_seconds": round(time.perf_counter() - started, 2)}
+    kernel = {"available": not args.no_kernel and KVCache._kernel() is not None,
+              "load_seconds": round(time.perf_counter() - started, 2)}
     print(f"KV cache kernels: {'loaded' if kernel['available'] else 'off'} ({kernel['load_seconds']} s)",
           file=sys.stderr, flush=True)
     results = []
     with torch.inference_mode():
         for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-            model, tokenizer = build(mode, device, args.codebook)
+            model, tokenizer = build(mode, device, args.codebook, attention="sdpa" if args.no_kernel else "auto")
             for batch in [int(b) for b in args.batch_sizes.split(",") if b.strip()]:
                 cached = run(model, tokenizer, batch=batch, length=args.length, use_cache=True, iters=args.iters,
                              warmup=args.warmup, device=device)

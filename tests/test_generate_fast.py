@@ -110,7 +110,7 @@ def test_one_query_kernels_equal_sdpa(kernel, n):
 def test_position_major_cache_views_and_select(kernel):
     """k(layer)/v(layer) stay (B, H, L, D) views and select() keeps jets in order on the CPU layout."""
     B, H, D = 4, 2, 16
-    cache = KVCache(1, B, H, D, max_len=6)
+    cache = KVCache(1, B, H, D, max_len=6, backend="auto")
     assert cache.position_major and cache.batch_size == B
     q, k, v = (torch.randn(3, B, H, D) for _ in range(3))
     outs = []

@@ -50,7 +50,9 @@ import torch
 
 from jetfm import messages
 
-SOURCES = tuple(Path(__file__).resolve().parent / "kernels" / name for name in ("varlen_attention.c", "dropout_add.c", "softmax_xent.c"))
+KERNELS = Path(__file__).resolve().parent / "kernels"
+SOURCES = tuple(KERNELS / name for name in ("varlen_attention.c", "dropout_add.c", "softmax_xent.c"))
+DECODE_SOURCE = KERNELS / "kv_decode.cpp"  # a torch C++ extension (decode_extension)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 LIBS = ("-lmvec", "-lm")  # glibc's vector expf; retried without -lmvec where it does not exist
 COMPILE_TIMEOUT_S = 120
@@ -82,26 +84,36 @@ def _compiler_version(cc: str) -> str:
         return ""
 
 
-def _build(cc: str) -> Path:
-    """Compile the kernels (or find them in the cache); returns the shared library's path."""
-    sources = [src.read_bytes() for src in SOURCES]
-    key = hashlib.sha256(b"\0".join([*sources, _compiler_version(cc).encode(), " ".join(FLAGS + LIBS).encode(),
-                                     _cpu_identity().encode(), platform.machine().encode()])).hexdigest()[:16]
-    name = f"jetfm_cpu_kernels-{key}.so"
+def _cache_key(*parts: bytes | str) -> str:
+    """A short hash of what a compiled library depends on, the CPU it is compiled for included."""
+    blobs = [p if isinstance(p, bytes) else p.encode() for p in parts]
+    return hashlib.sha256(b"\0".join([*blobs, _cpu_identity().encode(), platform.machine().encode()])).hexdigest()[:16]
+
+
+def _writable_dir(entry: str) -> Path:
+    """`entry` inside the cache directory, or inside the temp directory where that is not writable
+    (a read-only home on some clusters): the first that exists or can be made, writable."""
     fallback = Path(tempfile.gettempdir()) / f"jetfm-kernels-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
-    for directory in (cache_dir(), fallback):  # a read-only home (some clusters): the temp directory
-        if (directory / name).exists():
-            return directory / name
+    for base in (cache_dir(), fallback):
+        if (base / entry).exists():
+            return base
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            if os.access(directory, os.W_OK):
-                break
+            base.mkdir(parents=True, exist_ok=True)
         except OSError:
             continue
-    else:
-        raise RuntimeError(f"no writable directory for the compiled kernels ({cache_dir()}, {fallback}); "
-                           "set JETFM_KERNEL_CACHE")
+        if os.access(base, os.W_OK):
+            return base
+    raise RuntimeError(f"no writable directory for compiled kernels ({cache_dir()}, {fallback}); set JETFM_KERNEL_CACHE")
+
+
+def _build(cc: str) -> Path:
+    """Compile the C kernels (or find them in the cache); returns the shared library's path."""
+    key = _cache_key(*(src.read_bytes() for src in SOURCES), _compiler_version(cc), " ".join(FLAGS + LIBS))
+    name = f"jetfm_cpu_kernels-{key}.so"
+    directory = _writable_dir(name)
     target = directory / name
+    if target.exists():
+        return target
     # compile next to the target, then rename: processes building at once never load half a file
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         out = Path(tmp) / target.name
@@ -272,3 +284,32 @@ def softmax_cross_entropy_(z_RV: torch.Tensor, targets_R: torch.Tensor, *, need_
     if status != 0:
         raise ValueError(f"cross-entropy kernel: targets must lie in [0, {z_RV.shape[1]}) (or out of memory)")
     return loss.value, correct.value
+
+
+# --------------------------------------------------------------------------- generation (C++)
+@functools.cache
+def decode_extension():
+    """The generation step's torch C++ extension (`kernels/kv_decode.cpp`: one-query attention on the
+    position-major KV cache, whole-stack block steps), or None after one warning.
+
+    Why C++ with torch headers, unlike the C kernels above: the block step calls ATen ops (addmm,
+    layer_norm, gelu) for a whole stack in one call, which plain C cannot. Built with torch's
+    cpp_extension (needs a C++ compiler and ninja; ~30 s once) into the same cache directory,
+    keyed the same way (source, torch version, flags, CPU model).
+    """
+    flags = ["-O3", "-fopenmp"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
+    try:
+        from torch.utils.cpp_extension import load_inline  # noqa: PLC0415
+
+        source = DECODE_SOURCE.read_text()
+        key = _cache_key(source, torch.__version__, " ".join(flags))
+        entry = f"kv_decode-{key}"
+        build_dir = _writable_dir(entry) / entry
+        build_dir.mkdir(parents=True, exist_ok=True)
+        # -fopenmp: at::parallel_for splits rows over torch's threads only when compiled with OpenMP
+        return load_inline(name=f"jetfm_kv_decode_{key}", cpp_sources=source, functions=["scores", "mix", "stack_step"],
+                           extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+    except Exception as error:  # no compiler, headers or ninja: the torch path is correct, only slower
+        messages.warn(f"generation's compiled KV-cache kernels are unavailable ({type(error).__name__}: "
+                      f"{str(error)[:300]}); generation runs on torch ops (slower)")
+        return None
