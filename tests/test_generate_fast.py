@@ -140,3 +140,23 @@ def test_kernels_split_over_threads(kernel):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("input_mode", ["continuous", "token"])
+def test_sharded_batches_give_the_unsharded_tokens(input_mode, monkeypatch):
+    """Jets of a batch generated in groups on parallel threads (sampling.py `shards`) are the jets
+    of one group: random numbers drawn before the split, jets independent. Under inference mode
+    too (per-thread state the workers must take from the caller)."""
+    import jetfm.sampling as sampling
+
+    monkeypatch.setattr(sampling, "MIN_JETS_PER_SHARD", 8)  # up to 4 groups of the 32-jet batches
+    model, tokenizer = _models(input_mode)
+    one = _generate(model, tokenizer, True, shards=1)
+    threads = torch.get_num_threads()
+    for shards in (2, 3):
+        with torch.inference_mode():
+            split = _generate(model, tokenizer, True, shards=shards)
+        assert torch.get_num_threads() == threads  # restored after the workers
+        assert torch.equal(split.tokens, one.tokens) and torch.equal(split.cu_seqlens, one.cu_seqlens)
+        assert torch.equal(split.stopped, one.stopped)
+        torch.testing.assert_close(split.features, one.features, atol=1e-5, rtol=1e-5)

@@ -307,7 +307,7 @@ def decode_extension():
         build_dir = _writable_dir(entry) / entry
         build_dir.mkdir(parents=True, exist_ok=True)
         # -fopenmp: at::parallel_for splits rows over torch's threads only when compiled with OpenMP
-        return load_inline(name=f"jetfm_kv_decode_{key}", cpp_sources=source, functions=["scores", "mix", "stack_step"],
+        return load_inline(name=f"jetfm_kv_decode_{key}", cpp_sources=source,  # its own PYBIND11_MODULE
                            extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
     except Exception as error:  # no compiler, headers or ninja: the torch path is correct, only slower
         messages.warn(f"generation's compiled KV-cache kernels are unavailable ({type(error).__name__}: "

@@ -121,3 +121,11 @@ torch::Tensor stack_step(torch::Tensor x, std::vector<torch::Tensor> params, tor
   }
   return x;
 }
+
+// The GIL is released while a kernel runs: generation shards run side by side on threads
+// (jetfm/sampling.py), and the Python between kernels is short.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("scores", torch::wrap_pybind_function_no_gil(scores));
+  m.def("mix", torch::wrap_pybind_function_no_gil(mix));
+  m.def("stack_step", torch::wrap_pybind_function_no_gil(stack_step));
+}
