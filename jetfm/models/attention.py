@@ -468,6 +468,11 @@ class KVCache:
                 and x_BD.shape[1] % num_heads == 0 and (x_BD.shape[1] // num_heads) % 16 == 0
                 and self.seen < self.max_len and self._kernel() is not None)
 
+    def pack_weight(self, weight_ND: torch.Tensor) -> torch.Tensor:
+        """A linear layer's (out, in) weight in the layout of the compiled linear layers (panels of
+        32 output columns, kernels/kv_decode.cpp `pack_weight`); out a multiple of 16, fp32."""
+        return self._kernel().pack_weight(weight_ND.contiguous())
+
     def step_blocks(self, x_BD: torch.Tensor, params: list[torch.Tensor], first_layer: int, num_heads: int,
                     eps: float) -> torch.Tensor:
         """Run eval-mode pre-LayerNorm blocks on one new token per sequence (B, D) -> (B, D) in

@@ -133,7 +133,7 @@ class Stack(nn.Module):
         if not self.training and len(self.blocks) and cache.can_step_blocks(x_BD, self.blocks[0].num_heads):
             params = cache.memo.get(("stack_params", id(self)))  # weights stay fixed over a cache's life
             if params is None:
-                params = cache.memo[("stack_params", id(self))] = self._step_params()
+                params = cache.memo[("stack_params", id(self))] = self._step_params(cache.pack_weight)
             if params:
                 first = self.blocks[0]
                 x_BD = cache.step_blocks(x_BD, params, self.layer_offset, first.num_heads, first.norm1.eps)
@@ -143,16 +143,18 @@ class Stack(nn.Module):
         return self.norm(x_BD)
 
 
-    def _step_params(self) -> list[torch.Tensor]:
-        """The 12 tensors per block that KVCache.step_blocks takes, in Block's order; [] when the
-        blocks cannot run there (a missing bias, non-fp32 weights, LayerNorm eps differing)."""
+    def _step_params(self, pack) -> list[torch.Tensor]:
+        """The 12 tensors per block that KVCache.step_blocks takes, in Block's order, the linear
+        weights packed by `pack` (KVCache.pack_weight: the compiled linear layers' layout); [] when
+        the blocks cannot run there (a missing bias, non-fp32 weights, LayerNorm eps differing, an
+        MLP width not a multiple of 16)."""
         params = [t for b in self.blocks for t in (b.norm1.weight, b.norm1.bias, b.qkv.weight, b.qkv.bias,
                                                      b.proj.weight, b.proj.bias, b.norm2.weight, b.norm2.bias,
                                                      b.fc1.weight, b.fc1.bias, b.fc2.weight, b.fc2.bias)]
         eps = self.blocks[0].norm1.eps
-        if all(b.norm1.eps == b.norm2.eps == eps for b in self.blocks) and all(
+        if all(b.norm1.eps == b.norm2.eps == eps and b.fc1.out_features % 16 == 0 for b in self.blocks) and all(
                 p is not None and p.dtype == torch.float32 for p in params):
-            return [p.detach() for p in params]
+            return [pack(p.detach()) if p.ndim == 2 else p.detach().contiguous() for p in params]
         return []
 
 

@@ -297,7 +297,7 @@ def decode_extension():
     cpp_extension (needs a C++ compiler and ninja; ~30 s once) into the same cache directory,
     keyed the same way (source, torch version, flags, CPU model).
     """
-    flags = ["-O3", "-fopenmp"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
+    flags = ["-O3", "-fopenmp", "-ffp-contract=fast"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
     try:
         from torch.utils.cpp_extension import load_inline  # noqa: PLC0415
 
