@@ -27,12 +27,13 @@ decoded incrementally with the decoder's own KV cache (`ParticleTokenizer.decode
 mapped from the tokenizer's preprocessed features to the model's (data.features; identity when
 both use the same transforms — else inverse tokenizer transform, forward model transform). No
 step re-runs the prefix. On CPU in fp32 the caches are position-major and every stack's blocks
-run in one compiled call with a one-query attention kernel (models/attention.py, KVCache; SDPA
-and Python block steps where no C++ compiler is at hand), and the vocabulary projection writes
-into one padded logits buffer per batch: same mathematics, same tokens for a seed
-(tests/test_generate_fast.py); measured against the previous cached path on the shared 2-core
-development machine, pinned, interleaved runs: 1.5-1.7x the jets/s on one thread (batch 64 and
-256), 1.3-1.45x on two (batch 64). `use_cache=False` is the reference algorithm for tests and the
+run in one compiled call on jetfm's own fused ops (models/attention.py, KVCache; SDPA and Python
+block steps where no C++ compiler is at hand), the vocabulary projection writes into one padded
+logits buffer per batch through the same compiled linear layer, and a batch's jets are split
+into groups generated side by side on threads (`shards`): same mathematics, same tokens for a
+seed (tests/test_generate_fast.py). Measured at the reference size, batch 64, length 100, two
+threads: 46.6 jets/s with the Python block steps, 83.7 with all of this (docs/SPEED.md).
+`use_cache=False` is the reference algorithm for tests and the
 benchmark: every step re-decodes the whole prefix and re-runs the backbone on it (O(n²); it
 projects only the last position onto the vocabulary, which makes it a little faster than the
 reference's full-logits pass). Both paths draw the same random numbers, so with the same seed

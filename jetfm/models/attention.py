@@ -448,10 +448,14 @@ class KVCache:
     # streaming through the layer's filled prefix once, position by position. Why not SDPA: for a
     # single query its CPU kernel spends its time on per-head blocking (measured at the reference
     # size, 64 jets x 8 heads x 16, 14 cached layers: 0.66 ms a layer at 50 positions, 1.1 ms at
-    # 85). `stack_step` runs whole pre-LayerNorm blocks (Block.step's mathematics, in the same ATen
-    # ops except the attention) in C++, writing each layer's new k/v straight from the qkv output
-    # into the cache: a Python block step issued ~25 ops, ~20% of a generation step at 64 jets.
-    # Same mathematics as SDPA; rounding differs at the ulp level.
+    # 85). `stack_step` runs whole pre-LayerNorm blocks (Block.step's mathematics) in C++ on its own
+    # ops: LayerNorm, linear layers on weights packed once per cache with bias, GELU and residual
+    # fused, and the one-query attention fused (scores, softmax, mix in one pass), writing each
+    # layer's new k/v straight from the qkv output into the cache. Why: at a few dozen jets a step
+    # the ATen ops' allocations, dispatch and GEMM packing cost as much as their arithmetic (a
+    # Python block step issued ~25 ops; with ATen ops in C++ the block step still took 70% of a
+    # generation step; on its own ops the step is ~1.5x faster). Same mathematics as the Python
+    # block steps; rounding differs at the ulp level (own exp and erf: error < 2e-7).
 
 
     @staticmethod
@@ -477,8 +481,8 @@ class KVCache:
                     eps: float) -> torch.Tensor:
         """Run eval-mode pre-LayerNorm blocks on one new token per sequence (B, D) -> (B, D) in
         C++ (`stack_step` above): 12 parameter tensors per block in Block's order, block i on
-        cache layer first_layer + i. Same ATen ops as Block.step except the attention (the
-        one-query kernels); check `can_step_blocks` first."""
+        cache layer first_layer + i, the linear weights packed (`pack_weight`). Block.step's
+        mathematics on jetfm's own fused ops; check `can_step_blocks` first."""
         K = x_BD.shape[1] // num_heads
         return self._kernel().stack_step(x_BD.contiguous(), params, self._k, self._v, first_layer, self.seen,
                                          num_heads, eps, 1.0 / math.sqrt(K))

@@ -290,12 +290,14 @@ def softmax_cross_entropy_(z_RV: torch.Tensor, targets_R: torch.Tensor, *, need_
 @functools.cache
 def decode_extension():
     """The generation step's torch C++ extension (`kernels/kv_decode.cpp`: one-query attention on the
-    position-major KV cache, whole-stack block steps), or None after one warning.
+    position-major KV cache, whole-stack block steps, the small-batch linear layers), or None after
+    one warning.
 
-    Why C++ with torch headers, unlike the C kernels above: the block step calls ATen ops (addmm,
-    layer_norm, gelu) for a whole stack in one call, which plain C cannot. Built with torch's
-    cpp_extension (needs a C++ compiler and ninja; ~30 s once) into the same cache directory,
-    keyed the same way (source, torch version, flags, CPU model).
+    Why C++ with torch headers, unlike the C kernels above: the kernels take and return tensors
+    and run on torch's threads (at::parallel_for), called from Python with the GIL released, so
+    that generation shards run side by side. Built with torch's cpp_extension (needs a C++
+    compiler and ninja; ~40 s once) into the same cache directory, keyed the same way (source,
+    torch version, flags, CPU model).
     """
     flags = ["-O3", "-fopenmp", "-ffp-contract=fast"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
     try:
