@@ -185,6 +185,14 @@ def reference_figures() -> dict:
     return json.loads(REFERENCE.read_text())["train"] if REFERENCE.exists() else {}
 
 
+def machine_vs_reference_run(peak: dict) -> dict:
+    """This run's matmul peak / the one measured with the reference figures (the middle of its
+    range), per dtype: below 1, the machine is slower now than when the reference was measured
+    (a shared VM's neighbours), and speedup_vs_reference is understated by about that factor."""
+    stored = json.loads(REFERENCE.read_text()).get("matmul_peak_gflop_per_s", {}) if REFERENCE.exists() else {}
+    return {dt: peak[dt] / statistics.mean(stored[dt]) for dt in ("fp32", "bf16") if dt in stored and dt in peak}
+
+
 def dataset_multiplicities(directory: Path, split: str, limit: int) -> list[int]:
     """Jet multiplicities from the offsets.npy entries of a shard set (no particle data read)."""
     import tarfile
@@ -456,6 +464,11 @@ def main(argv=None):
     peak = matmul_peak(device, SIZES[args.sizes.split(",")[0]]["dim"])
     print(f"matmul peak in this run (torch.mm, model shapes): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
     reference = reference_figures()
+    # comparable only at the reference's width (the peak is measured on the first size's shapes)
+    machine = machine_vs_reference_run(peak) if device.type == "cpu" and SIZES[args.sizes.split(",")[0]]["dim"] == 128 else {}
+    if machine:
+        print("this run's matmul peak / the reference run's: " + ", ".join(f"{dt} x{v:.2f}" for dt, v in machine.items())
+              + " (below 1: a slower machine now, speedup_vs_reference understated by about that factor)")
     vs_reference, vs_padded = {}, {}
     for r in results:
         r["useful_fraction_of_matmul_peak"] = r["useful_gflop_per_s"] / peak[r["dtype"]] if device.type == "cpu" else None
@@ -480,7 +493,7 @@ def main(argv=None):
                                                        else "normal(50,20) clipped [5,128]"),
                     mean_multiplicity=mean_n, sizes={s: SIZES[s] for s in args.sizes.split(",")}, threads=args.threads,
                     packed_attention=attention, repeats=args.repeats, multiplicities=args.multiplicities),
-        matmul_peak_gflop_per_s=peak, results=results, speedup_particles_per_s=speedups,
+        matmul_peak_gflop_per_s=peak, machine_vs_reference_run=machine, results=results, speedup_particles_per_s=speedups,
         speedup_particles_per_cpu_s=cpu_speedups, speedup_vs_reference=vs_reference, speedup_vs_padded=vs_padded,
     )))
 
