@@ -282,7 +282,8 @@ def _accumulate_grads(g_cV, w_VD, h_cD, grad_h_MD, grad_w_VD, r0: int, chunk_row
         torch.mm(g_cV, w_VD, out=grad_h_MD[r0:r0 + chunk_rows])
     if grad_w_VD is not None:
         if g_cV.dtype == grad_w_VD.dtype:
-            grad_w_VD.addmm_(g_cV.t(), h_cD)  # fp32: added inside the GEMM
+            # fp32: added inside the GEMM (the out= form, not addmm_, which FLOP counters do not see)
+            torch.addmm(grad_w_VD, g_cV.t(), h_cD, out=grad_w_VD)
         else:  # bf16 products, accumulated in fp32 (torch's CPU GEMM has no mixed-dtype output)
             grad_w_VD += torch.mm(g_cV.t(), h_cD)
 
