@@ -25,7 +25,8 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-PY=${PYTHON:-python}
+# the interpreter: $PYTHON, else the repository's .venv (the README's setup), else python on PATH
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
 LOG=$(mktemp -d)
 export PYTHONUNBUFFERED=1
 
