@@ -33,7 +33,7 @@ def reference(qkv, cu, causal, grad_out):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("H,D", [(8, 16), (2, 8), (4, 32), (2, 64), (3, 12)])  # the vector path's dims and generic ones
+@pytest.mark.parametrize("H,D", [(8, 16), (2, 8), (4, 32), (2, 48), (2, 64), (3, 12)])  # the vector path's dims and generic ones
 def test_fp32_matches_reference_values_and_gradients(causal, H, D):
     lengths = [5, 1, 17, 0, 40, 3, 99, 2]
     qkv, cu = packed(lengths, H, D)

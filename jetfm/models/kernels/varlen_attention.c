@@ -130,10 +130,10 @@ INLINE void block_scores(const float q[ROWS][MAX_HEAD_DIM], const float *kt, int
     }
 }
 
-/* The block's rows i0 .. i0 + nr - 1 (nr <= ROWS): how many keys each sees (0 for absent rows),
- * and the largest of them. */
-INLINE int block_ends(int i0, int nr, int n, int causal, int kend[ROWS]) {
-    for (int r = 0; r < ROWS; r++) kend[r] = r < nr ? (causal ? i0 + r + 1 : n) : 0;
+/* A block of `rows` query rows i0 .. i0 + nr - 1 (nr <= rows): how many keys each sees (0 for
+ * absent rows), and the largest of them. */
+INLINE int block_ends(int i0, int nr, int n, int causal, int rows, int *kend) {
+    for (int r = 0; r < rows; r++) kend[r] = r < nr ? (causal ? i0 + r + 1 : n) : 0;
     return causal ? i0 + nr : n;
 }
 
@@ -148,7 +148,7 @@ INLINE void fwd_task(const void *qkv, int is_bf16, int t0, int n, int h, int H, 
     load_block(qkv, is_bf16, t0, n, ns, 2, h, H, D, 1.0f, v, NULL);
     for (int i0 = 0; i0 < n; i0 += ROWS) {
         const int nr = n - i0 < ROWS ? n - i0 : ROWS;
-        const int kmax = block_ends(i0, nr, n, causal, kend), kpad = round_up(kmax);
+        const int kmax = block_ends(i0, nr, n, causal, ROWS, kend), kpad = round_up(kmax);
         for (int r = 0; r < ROWS; r++)
             for (int d = 0; d < D; d++) q[r][d] = r < nr ? load_elem(qkv, QKV(t0 + i0 + r, 0, h, d), is_bf16) * scale : 0.0f;
         block_scores(q, kt, ns, kend, kpad, D, -INFINITY, s);
@@ -207,7 +207,7 @@ INLINE void bwd_task(const void *qkv, const void *out, const void *dout, const f
     memset(dv, 0, sizeof(float) * dn);
     for (int i0 = 0; i0 < n; i0 += ROWS) {
         const int nr = n - i0 < ROWS ? n - i0 : ROWS;
-        const int kmax = block_ends(i0, nr, n, causal, kend), kpad = round_up(kmax);
+        const int kmax = block_ends(i0, nr, n, causal, ROWS, kend), kpad = round_up(kmax);
         for (int r = 0; r < ROWS; r++) {
             float dl = 0.0f;
             for (int d = 0; d < D; d++) {
@@ -356,13 +356,6 @@ INLINE void vload_cols(const void *qkv, const int is_bf16, int t0, int n, int ns
  * 4-cycle latency) where 4 left half of them idle. */
 #define VROWS 8
 
-/* The block's rows i0 .. i0 + nr - 1 (nr <= VROWS): how many keys each sees (0 for absent rows),
- * and the largest of them. */
-INLINE int vblock_ends(int i0, int nr, int n, int causal, int kend[VROWS]) {
-    for (int r = 0; r < VROWS; r++) kend[r] = r < nr ? (causal ? i0 + r + 1 : n) : 0;
-    return causal ? i0 + nr : n;
-}
-
 /* s[r][kb / 16] = (a_r . cols[:, kb..kb+15]) for key blocks kb < kpad, a_r given as D floats per row;
  * lanes at or past kend[r] set to `fill`. */
 INLINE void vscores(const float a[VROWS][16 * MAX_NV], const float *cols, int ns, const int kend[VROWS], int kpad,
@@ -400,7 +393,7 @@ INLINE void fwd_task_v(const void *qkv, const int is_bf16, int t0, int n, int h,
         for (int j = 0; j < NV; j++) v[k * NV + j] = vload(qkv, QKV(t0 + k, 2, h, 16 * j), is_bf16);
     for (int i0 = 0; i0 < n; i0 += VROWS) {
         const int nr = n - i0 < VROWS ? n - i0 : VROWS;
-        const int kmax = vblock_ends(i0, nr, n, causal, kend), kpad = round_up(kmax);
+        const int kmax = block_ends(i0, nr, n, causal, VROWS, kend), kpad = round_up(kmax);
         for (int r = 0; r < VROWS; r++)
             for (int j = 0; j < NV; j++) {
                 const v16 x = r < nr ? vload(qkv, QKV(t0 + i0 + r, 0, h, 16 * j), is_bf16) * scale : vsplat(0.0f);
@@ -462,7 +455,7 @@ INLINE void bwd_task_v(const void *qkv, const void *out, const void *dout, const
         }
     for (int i0 = 0; i0 < n; i0 += VROWS) {
         const int nr = n - i0 < VROWS ? n - i0 : VROWS;
-        const int kmax = vblock_ends(i0, nr, n, causal, kend), kpad = round_up(kmax);
+        const int kmax = block_ends(i0, nr, n, causal, VROWS, kend), kpad = round_up(kmax);
         float row_lse[VROWS], delta[VROWS];
         for (int r = 0; r < VROWS; r++) {
             v16 dl = {0};
@@ -512,21 +505,20 @@ INLINE void bwd_task_v(const void *qkv, const void *out, const void *dout, const
         }
 }
 
-/* The vector path's instantiations (NV, is_bf16 compile-time constants); the rest runs the
- * generic loops. */
-#define DISPATCH(vcall, call)                                                            \
-    if (D % 16 == 0 && D <= 16 * MAX_NV) {                                               \
-        switch (D / 16 + 8 * is_bf16) {                                                  \
-            case 1: vcall(1, 0); break;                                                  \
-            case 2: vcall(2, 0); break;                                                  \
-            case 4: vcall(4, 0); break;                                                  \
-            case 9: vcall(1, 1); break;                                                  \
-            case 10: vcall(2, 1); break;                                                 \
-            case 12: vcall(4, 1); break;                                                 \
-            default: call(D); break;                                                     \
-        }                                                                                \
-    } else {                                                                             \
-        call(D);                                                                         \
+/* The vector path's instantiations (NV = D / 16 and is_bf16 as compile-time constants) for every
+ * head dim it takes; the rest runs the generic loops. */
+#define VCALL_DTYPE(vcall, NV) \
+    if (is_bf16)               \
+        vcall(NV, 1);          \
+    else                       \
+        vcall(NV, 0)
+#define DISPATCH(vcall, call)                       \
+    switch (D % 16 == 0 ? D / 16 : 0) {             \
+        case 1: VCALL_DTYPE(vcall, 1); break;       \
+        case 2: VCALL_DTYPE(vcall, 2); break;       \
+        case 3: VCALL_DTYPE(vcall, 3); break;       \
+        case 4: VCALL_DTYPE(vcall, 4); break;       \
+        default: call(D); break;                    \
     }
 
 /* Per-thread buffers, 64-byte aligned (the vector path loads whole vectors from them). */
