@@ -181,15 +181,16 @@ def matmul_peak(device: torch.device, dim: int, rows: int = 3000, repeats: int =
     return out
 
 
-def reference_figures() -> dict:
-    return json.loads(REFERENCE.read_text())["train"] if REFERENCE.exists() else {}
+def reference_record() -> dict:
+    """benchmarks/results/reference.json ({} without it): the reference's figures ("train") and the
+    machine's matmul peak when they were measured ("matmul_peak_gflop_per_s")."""
+    return json.loads(REFERENCE.read_text()) if REFERENCE.exists() else {}
 
 
-def machine_vs_reference_run(peak: dict) -> dict:
-    """This run's matmul peak / the one measured with the reference figures (the middle of its
+def machine_vs_reference_run(peak: dict, stored: dict) -> dict:
+    """This run's matmul peak / the one `stored` with the reference figures (the middle of its
     range), per dtype: below 1, the machine is slower now than when the reference was measured
     (a shared VM's neighbours), and speedup_vs_reference is understated by about that factor."""
-    stored = json.loads(REFERENCE.read_text()).get("matmul_peak_gflop_per_s", {}) if REFERENCE.exists() else {}
     return {dt: peak[dt] / statistics.mean(stored[dt]) for dt in ("fp32", "bf16") if dt in stored and dt in peak}
 
 
@@ -461,11 +462,14 @@ def main(argv=None):
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    peak = matmul_peak(device, SIZES[args.sizes.split(",")[0]]["dim"])
+    peak_dim = SIZES[args.sizes.split(",")[0]]["dim"]  # the peak is measured on the first size's shapes
+    peak = matmul_peak(device, peak_dim)
     print(f"matmul peak in this run (torch.mm, model shapes): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
-    reference = reference_figures()
-    # comparable only at the reference's width (the peak is measured on the first size's shapes)
-    machine = machine_vs_reference_run(peak) if device.type == "cpu" and SIZES[args.sizes.split(",")[0]]["dim"] == 128 else {}
+    record = reference_record()
+    reference = record.get("train", {})
+    # comparable only at the reference's width
+    machine = (machine_vs_reference_run(peak, record.get("matmul_peak_gflop_per_s", {}))
+               if device.type == "cpu" and peak_dim == 128 else {})
     if machine:
         print("this run's matmul peak / the reference run's: " + ", ".join(f"{dt} x{v:.2f}" for dt, v in machine.items())
               + " (below 1: a slower machine now, speedup_vs_reference understated by about that factor)")

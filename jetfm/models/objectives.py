@@ -230,9 +230,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         correct = torch.zeros((), dtype=torch.int64, device=hidden_MD.device)
         grad_h_MD = torch.empty_like(h_MD) if need_h else None
         grad_w_VD = torch.zeros_like(weight_VD, dtype=torch.float32) if need_w else None
-        kernel = kernel and hidden_MD.device.type == "cpu"
-        # one logits buffer for every chunk (the kernel path): a fresh (rows, V) output per chunk
-        # costs page faults and a slower GEMM on CPU
+        # one logits buffer for every chunk (the kernel path, CPU only: linear_cross_entropy decides):
+        # a fresh (rows, V) output per chunk costs page faults and a slower GEMM on CPU
         z_buffer = torch.empty((min(chunk_rows, M), w_VD.shape[0]), dtype=compute_dtype) if kernel else None
         with torch.autocast(hidden_MD.device.type, enabled=False):
             for r0 in range(0, M, chunk_rows):
