@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from jetfm.models.attention import KVCache
 from jetfm.models.config import ModelConfig, ObjectiveConfig
 from jetfm.models.pretrain import PretrainModel
-from jetfm.sampling import generate_jets
+from jetfm import sampling
+from jetfm.sampling import _sample_inplace, generate_jets
 from jetfm.tokenizer.config import TokenizerConfig
 from jetfm.tokenizer.model import ParticleTokenizer
 
@@ -90,6 +91,47 @@ def test_step_logits_equal_block_by_block(kernel, monkeypatch):
     fast = run()
     monkeypatch.setattr(KVCache, "_kernel", staticmethod(lambda: None))
     torch.testing.assert_close(fast, run(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("V", [8194, 8320, 300, 50, 16])
+def test_compiled_sampler_draws_the_torch_samplers_tokens(kernel, V):
+    """The compiled softmax + two-level inverse CDF (sample_rows) picks the torch sampler's token
+    in every row but where u falls within float32 rounding of a token boundary (its block sums add
+    in another order; 1 row in 6,000 here, either token is then a correct draw): masked start/stop, -inf padding past the vocabulary (the cached path's buffer),
+    temperature, top-k, flat and peaked rows, a row length that is not a multiple of 16."""
+    gen = torch.Generator().manual_seed(V)
+    for scale, temperature, top_k, allow_stop in ((1.0, 1.0, None, False), (8.0, 1.0, None, True),
+                                                  (40.0, 1.5, None, False), (3.0, 0.7, 5, True)):
+        logits = torch.randn(1500, V, generator=gen) * scale
+        if V == 8320:
+            logits[:, 8194:] = -math.inf
+        u = torch.rand(1500, generator=gen)
+        args = dict(stop_id=min(V, 8194) - 1, allow_stop=allow_stop, temperature=temperature, top_k=top_k, top_p=None)
+        plain = _sample_inplace(logits.clone(), u, **args)
+        fast = _sample_inplace(logits.clone(), u, **args, kernel=kernel)
+        differ = torch.nonzero(fast != plain).flatten().tolist()
+        assert len(differ) <= 2, differ
+        for i in differ:  # only where u falls within rounding (float32 sums) of the boundary between them
+            masked = logits[i].double() / temperature
+            masked[0] = -math.inf
+            if not allow_stop:
+                masked[args["stop_id"]] = -math.inf
+            cdf = torch.cumsum(torch.softmax(masked, 0), 0)
+            lo, hi = sorted((int(fast[i]), int(plain[i])))
+            assert abs(float(cdf[lo]) - float(u[i])) < 1e-6 and abs(float(cdf[hi - 1]) - float(u[i])) < 1e-6
+        assert int(fast.min()) >= 1 and int(fast.max()) < min(V, 8194) - (0 if allow_stop else 1)
+    with pytest.raises(RuntimeError, match="every token masked"):
+        kernel.sample_rows(torch.full((2, V), -math.inf), torch.rand(2), 128)
+
+
+@pytest.mark.parametrize("input_mode", ["continuous", "token"])
+def test_compiled_sampler_generates_the_torch_samplers_tokens(kernel, input_mode, monkeypatch):
+    """Whole generation with the compiled sampler against the torch sampler, the rest unchanged."""
+    model, tokenizer = _models(input_mode)
+    fast = _generate(model, tokenizer, True)
+    monkeypatch.setattr(sampling, "_sampling_kernel", lambda model, device: None)
+    plain = _generate(model, tokenizer, True)
+    assert torch.equal(fast.tokens, plain.tokens) and torch.equal(fast.cu_seqlens, plain.cu_seqlens)
 
 
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 40])

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 typedef float v16 __attribute__((vector_size(64)));
@@ -381,6 +382,76 @@ torch::Tensor stack_step(torch::Tensor x, std::vector<torch::Tensor> params, tor
   return out;
 }
 
+// Inverse-CDF draws from softmax rows, the sampler of jetfm/sampling.py (_sample_inplace) after
+// its masks, fused: per row the max, then e^(x - max) in place (exactly 0 at -inf: masked tokens),
+// the sums of blocks of `block` tokens, their running sum (accumulated in double, stored in float,
+// as torch's CPU cumsum), the block holding u * total and the token inside it by the same rule.
+// Why: the torch version is ~15 ops a step over the (B, V) logits (max, subtract, exp, block sums,
+// two cumsums, searches, flips, gathers), each a pass and a dispatch; here one row is two passes
+// while it sits in L1/L2. Same arithmetic but the order of the block sums, so a token differs from
+// the torch sampler's only where u * total falls within rounding of a block boundary.
+// logits (B, V) fp32 with unit stride in a row, overwritten by the weights; u (B,) fp32 in [0, 1).
+torch::Tensor sample_rows(torch::Tensor logits, torch::Tensor u, int64_t block) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.stride(1) == 1,
+              "sample_rows: (B, V) fp32 logits with contiguous rows expected");
+  TORCH_CHECK(u.dim() == 1 && u.scalar_type() == at::kFloat && u.is_contiguous() && u.size(0) == logits.size(0),
+              "sample_rows: (B,) fp32 uniform numbers expected");
+  TORCH_CHECK(block >= 16 && block % 16 == 0, "sample_rows: a block of a multiple of 16 tokens expected");
+  const int64_t B = logits.size(0), V = logits.size(1), rs = logits.stride(0), nb = (V + block - 1) / block;
+  auto tokens = torch::empty({B}, logits.options().dtype(at::kLong));
+  float* lp = logits.data_ptr<float>(); const float* up = u.data_ptr<float>(); int64_t* tp = tokens.data_ptr<int64_t>();
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  bool all_masked = false;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sums(nb), cdf(nb);
+    for (int64_t b = begin; b < end; ++b) {
+      float* x = lp + b * rs;
+      const int64_t V16 = V / 16 * 16;
+      v16 mv = splat(neg_inf);
+      for (int64_t i = 0; i < V16; i += 16) { const v16 y = load16(x + i); mv = y > mv ? y : mv; }
+      float mx = neg_inf;
+      for (int j = 0; j < 16; ++j) mx = std::max(mx, mv[j]);
+      for (int64_t i = V16; i < V; ++i) mx = std::max(mx, x[i]);
+      if (mx == neg_inf) { all_masked = true; tp[b] = 0; continue; }
+      const v16 vmx = splat(mx);
+      for (int64_t k = 0; k < nb; ++k) {
+        const int64_t lo = k * block, hi = std::min(V, lo + block);
+        v16 acc = v16{};
+        int64_t i = lo;
+        for (; i + 16 <= hi; i += 16) {
+          const v16 y = load16(x + i);
+          const v16 e = y == splat(neg_inf) ? splat(0.0f) : exp16_nonpos(y - vmx);
+          store16(x + i, e); acc += e;
+        }
+        float s = hsum16(acc);
+        for (; i < hi; ++i) {  // a row length that is not a multiple of 16: the tail one by one
+          const float e = x[i] == neg_inf ? 0.0f : std::exp(x[i] - mx);
+          x[i] = e; s += e;
+        }
+        sums[k] = s;
+      }
+      double run = 0.0;
+      int64_t last_block = nb - 1;
+      for (int64_t k = 0; k < nb; ++k) { run += sums[k]; cdf[k] = static_cast<float>(run); }
+      while (last_block > 0 && !(sums[last_block] > 0.0f)) --last_block;
+      const float target = up[b] * cdf[nb - 1];
+      const int64_t k = std::min<int64_t>(std::upper_bound(cdf.begin(), cdf.end(), target) - cdf.begin(), last_block);
+      const float rest = target - (cdf[k] - sums[k]);
+      const int64_t lo = k * block, width = std::min(V, lo + block) - lo;
+      // inside the block: the first token whose running sum (double, stored as float) exceeds the
+      // rest, but not past the last token with weight (rounding may leave the rest at the total)
+      int64_t last = width - 1;
+      while (last > 0 && !(x[lo + last] > 0.0f)) --last;
+      double in_run = 0.0;
+      int64_t j = 0;
+      for (; j < width; ++j) { in_run += x[lo + j]; if (static_cast<float>(in_run) > rest) break; }
+      tp[b] = lo + std::min(j, last);
+    }
+  });
+  TORCH_CHECK(!all_masked, "sample_rows: a row with every token masked (probability 0 everywhere)");
+  return tokens;
+}
+
 // The GIL is released while a kernel runs: generation shards run side by side on threads
 // (jetfm/sampling.py), and the Python between kernels is short.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -389,4 +460,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stack_step", torch::wrap_pybind_function_no_gil(stack_step));
   m.def("pack_weight", torch::wrap_pybind_function_no_gil(pack_weight));
   m.def("linear_into", torch::wrap_pybind_function_no_gil(linear_into));
+  m.def("sample_rows", torch::wrap_pybind_function_no_gil(sample_rows));
 }
