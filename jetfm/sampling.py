@@ -205,18 +205,29 @@ class _CachedStepper:
         # Why: a fresh (B, V) result per step and the sampler's padded copy of it cost as much
         # as the projection itself (page faults on 2 MB, a fill and a copy); the transposed
         # weight makes the (B, D) @ (D, V_pad) product ~30% faster than linear's (V, D) weight.
-        weight_VD = model.ntp.head.out.weight.detach()
-        self.vocab = V = weight_VD.shape[0]
+        # The padded weight (and its packed copy) are made once while the weight is unchanged
+        # (derived_from), not for every batch and shard.
+        from .models.attention import derived_from
+
+        weight = model.ntp.head.out.weight
+        self.vocab = V = weight.shape[0]
         V_pad = -(-V // CDF_BLOCK) * CDF_BLOCK
-        self.weight_DV = weight_VD.new_zeros(weight_VD.shape[1], V_pad)
-        self.weight_DV[:, :V] = weight_VD.t()
-        self.logits_BV = weight_VD.new_empty(batch, V_pad)
+
+        def padded():
+            weight_DV = weight.detach().new_zeros(weight.shape[1], V_pad)
+            weight_DV[:, :V] = weight.detach().t()
+            return weight_DV
+
+        self.weight_DV = derived_from(weight, "vocab_padded_DV", padded)
+        self.logits_BV = weight.new_empty(batch, V_pad)
         # the compiled small-batch linear layer (kernels/kv_decode.cpp) where the cache runs the
-        # compiled kernels: 1.7x faster than torch.mm at 32 rows; its weight packed once per batch
+        # compiled kernels: 1.7x faster than torch.mm at 32 rows, on the packed padded weight
         self.project = None
-        if self.cache.position_major and weight_VD.dtype == torch.float32:
-            self.project = self.cache._kernel().linear_into
-            self.packed_weight = self.cache.pack_weight(self.weight_DV.t())
+        if self.cache.position_major and weight.dtype == torch.float32:
+            kernel = self.cache._kernel()
+            self.project = kernel.linear_into
+            self.packed_weight = derived_from(weight, "vocab_padded_packed",
+                                              lambda: kernel.pack_weight(self.weight_DV.t().contiguous()))
             self.no_bias = torch.empty(0)
 
     def logits(self, t: int, multiplicity_b, labels_b) -> torch.Tensor:

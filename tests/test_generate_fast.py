@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jetfm.models.attention import KVCache
+from jetfm.models.attention import KVCache, derived_from
 from jetfm.models.config import ModelConfig, ObjectiveConfig
 from jetfm.models.pretrain import PretrainModel
 from jetfm import sampling
@@ -132,6 +132,28 @@ def test_compiled_sampler_generates_the_torch_samplers_tokens(kernel, input_mode
     monkeypatch.setattr(sampling, "_sampling_kernel", lambda model, device: None)
     plain = _generate(model, tokenizer, True)
     assert torch.equal(fast.tokens, plain.tokens) and torch.equal(fast.cu_seqlens, plain.cu_seqlens)
+
+
+def test_packed_weights_follow_weight_changes(kernel):
+    """Packed weights are kept across generate calls but never outlive a change of the weight: in
+    place (an optimizer step) or swapped (`.data =`); the cached path then still equals the recompute."""
+    calls = []
+    weight = torch.randn(32, 8)
+    make = lambda: calls.append(1) or weight.sum().item()  # noqa: E731
+    assert derived_from(weight, "x", make) == derived_from(weight, "x", make) and len(calls) == 1
+    weight.mul_(2)
+    assert derived_from(weight, "x", make) == pytest.approx(weight.sum().item()) and len(calls) == 2
+    weight.data = torch.randn(32, 8)
+    assert derived_from(weight, "x", make) == pytest.approx(weight.sum().item()) and len(calls) == 3
+
+    model, tokenizer = _models("token")
+    before = _generate(model, tokenizer, True)
+    with torch.no_grad():
+        model.ntp.head.out.weight.mul_(-1.0)  # the vocabulary projection (padded + packed copies)
+        model.backbone.stack.blocks[0].fc1.weight.mul_(3.0)  # a block weight (packed copy)
+    after, full = (_generate(model, tokenizer, use_cache) for use_cache in (True, False))
+    assert not torch.equal(before.tokens, after.tokens)
+    assert torch.equal(after.tokens, full.tokens) and torch.equal(after.cu_seqlens, full.cu_seqlens)
 
 
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 40])

@@ -27,8 +27,11 @@ import functools
 import itertools
 import math
 
+import threading
+
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import cpu_kernels
 
@@ -474,8 +477,9 @@ class KVCache:
 
     def pack_weight(self, weight_ND: torch.Tensor) -> torch.Tensor:
         """A linear layer's (out, in) weight in the layout of the compiled linear layers (panels of
-        32 output columns, kernels/kv_decode.cpp `pack_weight`); out a multiple of 16, fp32."""
-        return self._kernel().pack_weight(weight_ND.contiguous())
+        32 output columns, kernels/kv_decode.cpp `pack_weight`); out a multiple of 16, fp32. Packed
+        once while the weight is unchanged (`derived_from`): pass the parameter itself."""
+        return derived_from(weight_ND, "packed", lambda: self._kernel().pack_weight(weight_ND.detach().contiguous()))
 
     def step_blocks(self, x_BD: torch.Tensor, params: list[torch.Tensor], first_layer: int, num_heads: int,
                     eps: float) -> torch.Tensor:
@@ -486,6 +490,29 @@ class KVCache:
         K = x_BD.shape[1] // num_heads
         return self._kernel().stack_step(x_BD.contiguous(), params, self._k, self._v, first_layer, self.seen,
                                          num_heads, eps, 1.0 / math.sqrt(K))
+
+
+# values derived from a weight (a packed or padded copy for the compiled generation kernels),
+# kept across KV caches (batches, shards, generate calls) while the weight is unchanged
+_DERIVED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> {name: (state, value)}
+_DERIVED_LOCK = threading.Lock()
+
+
+def derived_from(weight: torch.Tensor, name: str, make):
+    """`make()`, computed once per weight and `name` until the weight changes or is freed: changed
+    in place (an optimizer step, load_state_dict: its version counter moves) or swapped (`.data =`,
+    e.g. Module.to: its storage, dtype or shape differ). Why: packing the weights of a generation
+    step (~20 MB at the reference size) took ~3% of a 100-particle batch, redone for every batch
+    and shard although the weights stay fixed."""
+    state = (weight._version, weight.data_ptr(), weight.dtype, tuple(weight.shape), weight.device)
+    with _DERIVED_LOCK:
+        entry = _DERIVED.get(weight, {}).get(name)
+    if entry is not None and entry[0] == state:
+        return entry[1]
+    value = make()
+    with _DERIVED_LOCK:
+        _DERIVED.setdefault(weight, {})[name] = (state, value)
+    return value
 
 
 def reference_attention(q_THD, k_THD, v_THD, cu_seqlens, *, causal: bool, softmax_scale: float | None = None):

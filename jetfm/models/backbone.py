@@ -154,7 +154,7 @@ class Stack(nn.Module):
         eps = self.blocks[0].norm1.eps
         if all(b.norm1.eps == b.norm2.eps == eps and b.fc1.out_features % 16 == 0 for b in self.blocks) and all(
                 p is not None and p.dtype == torch.float32 for p in params):
-            return [pack(p.detach()) if p.ndim == 2 else p.detach().contiguous() for p in params]
+            return [pack(p) if p.ndim == 2 else p.detach().contiguous() for p in params]
         return []
 
 
