@@ -128,8 +128,9 @@ class Stack(nn.Module):
 
     def step(self, x_BD: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One new token per sequence (B, D) through every block on `cache`, then the LayerNorm.
-        In eval mode on CPU fp32 the blocks run in one compiled call (KVCache.step_blocks: same
-        mathematics, ~25 Python-issued ops a block fewer); otherwise block by block."""
+        In eval mode on CPU fp32 the blocks and the LayerNorm run in one compiled call
+        (KVCache.step_blocks: same mathematics, ~25 Python-issued ops a block fewer); otherwise
+        block by block."""
         if not self.training and len(self.blocks) and cache.can_step_blocks(x_BD, self.blocks[0].num_heads):
             params = cache.memo.get(("stack_params", id(self)))  # weights stay fixed over a cache's life
             if params is None:
@@ -137,7 +138,7 @@ class Stack(nn.Module):
             if params:
                 first = self.blocks[0]
                 x_BD = cache.step_blocks(x_BD, params, self.layer_offset, first.num_heads, first.norm1.eps)
-                return self.norm(x_BD)
+                return x_BD if len(params) % 12 == 2 else self.norm(x_BD)  # + 2: the final LayerNorm ran
         for i, block in enumerate(self.blocks):
             x_BD = block.step(x_BD, cache, self.layer_offset + i)
         return self.norm(x_BD)
@@ -145,17 +146,21 @@ class Stack(nn.Module):
 
     def _step_params(self, pack) -> list[torch.Tensor]:
         """The 12 tensors per block that KVCache.step_blocks takes, in Block's order, the linear
-        weights packed by `pack` (KVCache.pack_weight: the compiled linear layers' layout); [] when
-        the blocks cannot run there (a missing bias, non-fp32 weights, LayerNorm eps differing, an
-        MLP width not a multiple of 16)."""
+        weights packed by `pack` (KVCache.pack_weight: the compiled linear layers' layout), then the
+        final LayerNorm's weight and bias where it has both and the blocks' eps; [] when the blocks
+        cannot run there (a missing bias, non-fp32 weights, LayerNorm eps differing, an MLP width
+        not a multiple of 16)."""
         params = [t for b in self.blocks for t in (b.norm1.weight, b.norm1.bias, b.qkv.weight, b.qkv.bias,
                                                      b.proj.weight, b.proj.bias, b.norm2.weight, b.norm2.bias,
                                                      b.fc1.weight, b.fc1.bias, b.fc2.weight, b.fc2.bias)]
         eps = self.blocks[0].norm1.eps
-        if all(b.norm1.eps == b.norm2.eps == eps and b.fc1.out_features % 16 == 0 for b in self.blocks) and all(
-                p is not None and p.dtype == torch.float32 for p in params):
-            return [pack(p) if p.ndim == 2 else p.detach().contiguous() for p in params]
-        return []
+        if not (all(b.norm1.eps == b.norm2.eps == eps and b.fc1.out_features % 16 == 0 for b in self.blocks) and all(
+                p is not None and p.dtype == torch.float32 for p in params)):
+            return []
+        final = (self.norm.weight, self.norm.bias)
+        if self.norm.eps == eps and all(p is not None and p.dtype == torch.float32 for p in final):
+            params += final
+        return [pack(p) if p.ndim == 2 else p.detach().contiguous() for p in params]
 
 
 class Backbone(nn.Module):

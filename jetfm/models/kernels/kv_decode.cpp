@@ -334,11 +334,16 @@ torch::Tensor mix(torch::Tensor p, torch::Tensor v, int64_t n) {
 // pack_weight (Stack._step_params); block i on cache layer first_layer + i, caches (layers, L, B, H, K);
 // the new k/v go to position pos. Every op is jetfm's own (LayerNorm, the linear layers with bias,
 // GELU and residual fused, the fused attention), on one workspace: at a few dozen rows the ATen
-// ops' allocations and dispatch cost as much as their arithmetic.
+// ops' allocations and dispatch cost as much as their arithmetic. Two more tensors after the blocks
+// (a LayerNorm's w/b, same eps): the stack's final LayerNorm, applied to the output.
 torch::Tensor stack_step(torch::Tensor x, std::vector<torch::Tensor> params, torch::Tensor kc_all,
                          torch::Tensor vc_all, int64_t first_layer, int64_t pos, int64_t H, double eps, double scale) {
-  TORCH_CHECK(params.size() % 12 == 0 && x.dim() == 2 && x.scalar_type() == at::kFloat);
-  TORCH_CHECK(kc_all.is_contiguous() && vc_all.is_contiguous() && kc_all.dim() == 5 && pos < kc_all.size(1));
+  const size_t blocks = params.size() / 12;
+  const bool final_norm = params.size() % 12 == 2;
+  TORCH_CHECK((params.size() % 12 == 0 || final_norm) && x.dim() == 2 && x.scalar_type() == at::kFloat,
+              "stack_step: 12 tensors per block (+ 2 for a final LayerNorm) and (B, D) fp32 input expected");
+  TORCH_CHECK(kc_all.is_contiguous() && vc_all.is_contiguous() && kc_all.dim() == 5 && pos < kc_all.size(1)
+              && first_layer >= 0 && first_layer + static_cast<int64_t>(blocks) <= kc_all.size(0));
   const int64_t B = x.size(0), D = x.size(1), K = D / H, N = B * H, L = kc_all.size(1);
   TORCH_CHECK(kc_all.size(2) == B && kc_all.size(3) == H && kc_all.size(4) == K && K % 16 == 0);
   int64_t hidden = 0;
@@ -347,7 +352,7 @@ torch::Tensor stack_step(torch::Tensor x, std::vector<torch::Tensor> params, tor
     TORCH_CHECK(p.scalar_type() == at::kFloat && p.is_contiguous(), "stack_step: fp32 contiguous parameters expected");
     if (i % 12 == 9) hidden = std::max(hidden, p.numel());
   }
-  for (size_t i = 0; i < params.size() / 12; ++i) {
+  for (size_t i = 0; i < blocks; ++i) {
     const torch::Tensor* p = params.data() + 12 * i;
     const int64_t F = p[9].numel();
     TORCH_CHECK(p[2].numel() == 3 * D * D && p[3].numel() == 3 * D && p[4].numel() == D * D && p[5].numel() == D
@@ -359,13 +364,13 @@ torch::Tensor stack_step(torch::Tensor x, std::vector<torch::Tensor> params, tor
   float* xo = out.data_ptr<float>();
   float* h = work.data_ptr<float>(); float* qkv = h + B * D; float* a = qkv + B * 3 * D; float* m = a + B * D;
   const float e = static_cast<float>(eps), sc = static_cast<float>(scale);
-  for (size_t i = 0; i < params.size() / 12; ++i) {
+  for (size_t i = 0; i < blocks; ++i) {
     const torch::Tensor* p = params.data() + 12 * i;
     const float* P[12];
     for (int j = 0; j < 12; ++j) P[j] = p[j].data_ptr<float>();
     const int64_t F = p[9].numel();
-    float* kc = kc_all.select(0, first_layer + i).data_ptr<float>();
-    float* vc = vc_all.select(0, first_layer + i).data_ptr<float>();
+    float* kc = kc_all.data_ptr<float>() + (first_layer + static_cast<int64_t>(i)) * kc_all.stride(0);
+    float* vc = vc_all.data_ptr<float>() + (first_layer + static_cast<int64_t>(i)) * vc_all.stride(0);
     layer_norm_rows(xo, B, D, P[0], P[1], e, h);
     linear_rows<PLAIN>({h, D, P[2], P[3], nullptr, 0, qkv, 3 * D, D}, B, 3 * D);
     float* kdst = kc + pos * N * K; float* vdst = vc + pos * N * K;
@@ -378,6 +383,11 @@ torch::Tensor stack_step(torch::Tensor x, std::vector<torch::Tensor> params, tor
     layer_norm_rows(xo, B, D, P[6], P[7], e, h);
     linear_rows<GELU>({h, D, P[8], P[9], nullptr, 0, m, F, D}, B, F);       // gelu(fc1(LN2(x)))
     linear_rows<RESIDUAL>({m, F, P[10], P[11], xo, D, xo, D, F}, B, D);     // x += fc2(m)
+  }
+  if (final_norm) {
+    const torch::Tensor& w = params[12 * blocks]; const torch::Tensor& b = params[12 * blocks + 1];
+    TORCH_CHECK(w.numel() == D && b.numel() == D, "stack_step: final LayerNorm of width D expected");
+    layer_norm_rows(xo, B, D, w.data_ptr<float>(), b.data_ptr<float>(), e, xo);  // in place: row by row
   }
   return out;
 }
