@@ -134,9 +134,11 @@ def main(argv=None) -> int:
     print(f"KV cache kernels: {'loaded' if kernel['available'] else 'off'} ({kernel['load_seconds']} s)",
           file=sys.stderr, flush=True)
     results = []
-    with torch.inference_mode():
-        for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-            model, tokenizer = build(mode, device, args.codebook, attention="sdpa" if args.no_kernel else "auto")
+    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        # built outside inference mode, as `jetfm generate` loads a checkpoint (inference tensors
+        # keep no version counter, so generation would re-pack their weights for every batch)
+        model, tokenizer = build(mode, device, args.codebook, attention="sdpa" if args.no_kernel else "auto")
+        with torch.inference_mode():
             for batch in [int(b) for b in args.batch_sizes.split(",") if b.strip()]:
                 cached = run(model, tokenizer, batch=batch, length=args.length, use_cache=True, iters=args.iters,
                              warmup=args.warmup, device=device)

@@ -145,6 +145,10 @@ def test_packed_weights_follow_weight_changes(kernel):
     assert derived_from(weight, "x", make) == pytest.approx(weight.sum().item()) and len(calls) == 2
     weight.data = torch.randn(32, 8)
     assert derived_from(weight, "x", make) == pytest.approx(weight.sum().item()) and len(calls) == 3
+    with torch.inference_mode():  # no version counter: made afresh on every call
+        weight = torch.randn(32, 8)
+        derived_from(weight, "x", make), derived_from(weight, "x", make)
+    assert len(calls) == 5
 
     model, tokenizer = _models("token")
     before = _generate(model, tokenizer, True)

@@ -503,7 +503,10 @@ def derived_from(weight: torch.Tensor, name: str, make):
     in place (an optimizer step, load_state_dict: its version counter moves) or swapped (`.data =`,
     e.g. Module.to: its storage, dtype or shape differ). Why: packing the weights of a generation
     step (~20 MB at the reference size) took ~3% of a 100-particle batch, redone for every batch
-    and shard although the weights stay fixed."""
+    and shard although the weights stay fixed. Inference tensors (a model built under
+    torch.inference_mode) keep no version counter, so for them `make()` runs on every call."""
+    if weight.is_inference():
+        return make()
     state = (weight._version, weight.data_ptr(), weight.dtype, tuple(weight.shape), weight.device)
     with _DERIVED_LOCK:
         entry = _DERIVED.get(weight, {}).get(name)
