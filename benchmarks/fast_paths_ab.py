@@ -2,14 +2,17 @@
 
     python benchmarks/fast_paths_ab.py                        # batch 64, bf16, 2 threads, 4 pairs
     python benchmarks/fast_paths_ab.py --batch-size 250 --pairs 2 --threads 2
+    python benchmarks/fast_paths_ab.py --against no-thread-split --pairs 14   # the thread split alone
 
 Why one process with alternating steps: on a shared machine the load changes from minute to
 minute, so two separate runs compare the load, not the code. Two models with the same weights
 alternate steps: `model.attention=auto` (the fast paths: the C attention kernel on packed jets,
-fused dropout-add, the C cross-entropy inside the chunked vocabulary loss) and
-`model.attention=sdpa` (bucketed torch SDPA, random-bits dropout, torch ops in the chunked loss);
-both use the trainer's AdamW. The medians of CPU and wall time per step are printed, then one JSON
-line. Workload: the reference's (joint step, reference size, multiplicities
+fused dropout-add, the C cross-entropy inside the chunked vocabulary loss, the step split over
+threads) and `model.attention=sdpa` (bucketed torch SDPA, random-bits dropout, torch ops in the
+chunked loss, one pass); both use the trainer's AdamW. `--against no-thread-split`: the plain
+model is the fast one without the step split over threads (`PretrainModel.thread_split = False`:
+one pass, torch's threads inside each op), so the pair measures the split alone. The medians of
+CPU and wall time per step are printed, then one JSON line. Workload: the reference's (joint step, reference size, multiplicities
 clip(round(Gamma(6.5, 7)), 5, 99), dropout 0.1, AdamW, bf16 autocast).
 """
 
@@ -41,17 +44,21 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--against", default="sdpa", choices=["sdpa", "no-thread-split"],
+                   help="the plain side: model.attention=sdpa (every CPU fast path off) or the fast model "
+                        "without the thread split")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     lengths = tt.sample_multiplicities(SimpleNamespace(seed=args.seed, data=None, multiplicities="gamma",
                                                        max_particles=128), args.batch_size)
     batch = tt.make_batch(lengths, args.seed, 8192)
     models, optimizers = {}, {}
-    for name, attention in (("fast", "auto"), ("plain", "sdpa")):
+    for name, attention in (("fast", "auto"), ("plain", "sdpa" if args.against == "sdpa" else "auto")):
         cfg = SimpleNamespace(model=ModelConfig(**tt.SIZES["ref"], attention=attention), objective=ObjectiveConfig(name="joint"),
                               data=SimpleNamespace(features={f"f{i}": {} for i in range(tt.NUM_FEATURES)}, inputs="raw"))
         torch.manual_seed(args.seed)  # same initial weights
         models[name] = build_pretrain_model(cfg, SimpleNamespace(tokens={"codebook_size": 8192}, classes=[])).train()
+        models[name].thread_split = name == "fast" or args.against == "sdpa"
         optimizers[name] = torch.optim.AdamW(models[name].parameters(), lr=1e-3, weight_decay=1e-2)
 
     def step(name):

@@ -12,7 +12,10 @@ imports). Both implementations see the same batches: multiplicities drawn from a
 over the reference vocabulary (8192 codes + start + stop).
 
 - packed: `jetfm.models.pretrain.build_pretrain_model` — no compute on padding; MPM backbone on
-  the unmasked particles only; vocabulary logits only where a loss reads them.
+  the unmasked particles only; vocabulary logits only where a loss reads them. On CPU with 2+
+  threads its step is split over the threads (jetfm/models/thread_split.py), which forms the
+  gradients inside the forward call: its "fwd ms" then holds forward and backward, "bwd ms" only
+  the hand-over of the gradients.
 - padded: the baseline defined below, same dims: pads to (B, N), masks keys in attention,
   projects every position onto the vocabulary, F.cross_entropy with ignore_index. Its attention
   runs through the same SDPA policy as jetfm (fp32 core on CPU), so that the comparison measures

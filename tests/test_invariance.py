@@ -76,12 +76,14 @@ def _flat_grad(model) -> list[float]:
                       for p in model.parameters()]).tolist()
 
 
-def _worker(rank: int, world: int, port: int, out_file: str) -> None:
+def _worker(rank: int, world: int, port: int, out_file: str, threads: int = 1) -> None:
     """Every objective's gradient under this process count, normalised as the trainer does
-    (and, for the bias report, as a mean per micro-batch)."""
+    (and, for the bias report, as a mean per micro-batch). threads 2: each step split over two
+    threads (models/thread_split.py) inside every process."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
+    from jetfm.models.thread_split import group_count
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
@@ -106,6 +108,7 @@ def _worker(rank: int, world: int, port: int, out_file: str) -> None:
                 norms = loss_norms(unwrapped, micro, accelerator, step_seed(0, 1))
                 window, metric_sums, loss_sum = Window(accelerator.device, first_step=1), {}, 0.0
                 for batch, norm in zip(micro, norms):
+                    report[f"{objective}/{scheme}/{name}/groups"] = group_count(unwrapped, batch.num_jets, batch.x.device)
                     with accelerator.accumulate(model):
                         if scheme == "per_micro_batch":  # main's: each micro-batch's own mean, same masks
                             norm = type(norm)(unwrapped.loss_counts(batch), norm.mask_seed, norm.jet_offset)
@@ -128,15 +131,16 @@ def _worker(rank: int, world: int, port: int, out_file: str) -> None:
             torch.distributed.destroy_process_group()
 
 
-def _spawn(world: int, tmp_path: Path) -> dict:
+def _spawn(world: int, tmp_path: Path, threads: int = 1) -> dict:
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = tmp_path / f"world{world}.json"
-    mp.spawn(_worker, args=(world, port, str(out)), nprocs=world, join=True)
-    return json.loads(out.read_text())
+    out = tmp_path / f"world{world}-threads{threads}.json"
+    mp.spawn(_worker, args=(world, port, str(out), threads), nprocs=world, join=True)
+    prefix = "" if threads == 1 else f"threads{threads}:"
+    return {prefix + key: value for key, value in json.loads(out.read_text()).items()}
 
 
 def _rel(a, b) -> float:
@@ -147,7 +151,7 @@ def _rel(a, b) -> float:
 @pytest.fixture(scope="module")
 def grads(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("invariance")
-    return {**_spawn(1, tmp), **_spawn(2, tmp)}
+    return {**_spawn(1, tmp), **_spawn(2, tmp), **_spawn(2, tmp, threads=2), **_spawn(1, tmp, threads=2)}
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
@@ -160,6 +164,20 @@ def test_any_split_of_the_global_batch_gives_the_same_gradient(grads, objective)
     for split in ("1x_b_accum2", "2x_b"):
         old = _rel(grads[f"{objective}/per_micro_batch/{split}"], ref)
         assert old > 1e-2, (objective, split, old)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_steps_split_over_threads_give_the_same_gradient(grads, objective):
+    """With two torch threads a process splits each micro-batch's step over two threads
+    (models/thread_split.py): under DDP on 2 processes, with gradient accumulation and on one batch,
+    the gradient is still the one-thread one-pass gradient of the global batch."""
+    ref = grads[f"{objective}/global/1x_2b"]
+    for split in ("1x_2b", "1x_b_accum2", "2x_b"):
+        assert grads[f"threads2:{objective}/global/{split}/groups"] == 2  # the split ran
+        assert _rel(grads[f"threads2:{objective}/global/{split}"], ref) < 2e-6, (objective, split)
+        logged, ref_logged = grads[f"threads2:{objective}/global/{split}/logged"], grads[f"{objective}/global/1x_2b/logged"]
+        for key, value in ref_logged.items():
+            assert logged[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)

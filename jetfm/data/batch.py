@@ -44,6 +44,19 @@ class JetBatch:
             moved[f.name] = value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
         return JetBatch(**moved)
 
+    def jets(self, first: int, stop: int) -> "JetBatch":
+        """Jets first..stop-1 as a batch of their own (views of the packed tensors, no copy);
+        `max_seqlen` stays this batch's (an upper bound is all the models need)."""
+        if not 0 <= first < stop <= self.num_jets:
+            raise ValueError(f"JetBatch.jets: need 0 <= first < stop <= {self.num_jets}, got {first}, {stop}")
+        t0, t1 = (int(v) for v in self.cu_seqlens[[first, stop]])
+        return JetBatch(
+            x=self.x[t0:t1], cu_seqlens=self.cu_seqlens[first:stop + 1] - t0, max_seqlen=self.max_seqlen,
+            labels=self.labels[first:stop], jet=self.jet[first:stop],
+            tokens=None if self.tokens is None else self.tokens[t0:t1],
+            reco=None if self.reco is None else self.reco[t0:t1],
+        )
+
     def pin_memory(self) -> "JetBatch":
         return JetBatch(
             **{f.name: (v.pin_memory() if isinstance(v := getattr(self, f.name), torch.Tensor) else v) for f in fields(self)}

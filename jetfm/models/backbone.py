@@ -11,6 +11,9 @@ K head dim.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,6 +21,26 @@ import torch.nn.functional as F
 from . import cpu_kernels
 from .attention import AttentionBackend, KVCache, Packing, varlen_attention_qkv
 from .config import ModelConfig
+
+
+_dropout_rng = threading.local()
+
+
+@contextlib.contextmanager
+def dropout_generator(generator: torch.Generator | None):
+    """Dropout masks drawn on this thread from `generator` instead of torch's global RNG, inside
+    the block. Why: a step split over threads (models/thread_split.py) would otherwise draw from one
+    shared generator in an order set by the scheduler, and a seed would no longer reproduce a run."""
+    previous = getattr(_dropout_rng, "generator", None)
+    _dropout_rng.generator = generator
+    try:
+        yield
+    finally:
+        _dropout_rng.generator = previous
+
+
+def _generator() -> torch.Generator | None:
+    return getattr(_dropout_rng, "generator", None)
 
 
 class _ByteDropout(torch.autograd.Function):
@@ -33,7 +56,8 @@ class _ByteDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p: float):
         n = x.numel()
-        words = torch.empty(-(-n // 4), dtype=torch.int64, device=x.device).random_(-2**63, None)  # all 64 bits
+        words = torch.empty(-(-n // 4), dtype=torch.int64, device=x.device).random_(-2**63, None,  # all 64 bits
+                                                                                      generator=_generator())
         bits = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
         dropped = round(p * 65536)
         keep = bits >= -32768 + dropped
@@ -63,7 +87,7 @@ def residual_dropout(x: torch.Tensor, y: torch.Tensor, p: float, training: bool,
         return x + y
     if (fused and 0 < p < 1 and x.dtype == torch.result_type(x, y)
             and cpu_kernels.dropout_add_supported(x, y)):
-        return cpu_kernels.dropout_add(x, y, p)
+        return cpu_kernels.dropout_add(x, y, p, _generator())
     return x + dropout(y, p, training)
 
 

@@ -259,11 +259,11 @@ def dropout_add_supported(x: torch.Tensor, y: torch.Tensor) -> bool:
             and y.dtype in DTYPES and x.is_contiguous() and y.is_contiguous() and x.numel() < 2**32 and available())
 
 
-def dropout_add(x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
-    """x + dropout(y, p) in x's dtype (training mode), drawing its seed from torch's RNG. Call only
-    where `dropout_add_supported(x, y)` holds and 0 < p < 1."""
+def dropout_add(x: torch.Tensor, y: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """x + dropout(y, p) in x's dtype (training mode), drawing its seed from `generator` (None:
+    torch's global RNG). Call only where `dropout_add_supported(x, y)` holds and 0 < p < 1."""
     dropped = round(p * 65536)
-    seed = int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64)) & (2**64 - 1)
+    seed = int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64, generator=generator)) & (2**64 - 1)
     return _DropoutAdd.apply(x, y, dropped, seed)
 
 

@@ -15,6 +15,8 @@ Legend: T particles, B jets, F features, D model dim, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 
@@ -23,11 +25,16 @@ from jetfm.data.batch import JetBatch
 from .attention import AttentionBackend, KVCache, Packing
 from .backbone import Backbone, init_weights
 from .config import ModelConfig, ObjectiveConfig
+from . import thread_split
 from .objectives import (Head, LossNorm, MPMObjective, NTPObjective, Ratio, mask_particles, masked_count,
                          normalise)
 
 
 class PretrainModel(nn.Module):
+    #: split a CPU step's jets over torch's threads (models/thread_split.py) where it applies;
+    #: False: one pass with multi-threaded ops (an instance may set it, e.g. for an A/B)
+    thread_split: bool = True
+
     def __init__(
         self,
         model_cfg: ModelConfig,
@@ -117,8 +124,42 @@ class PretrainModel(nn.Module):
         mean); joint weights the normalised objectives. Metrics are `Ratio`s (sum, count) so the
         trainer can add them over micro-batches and processes. MPM masks come from `norm`'s
         per-jet seed, else from `generator` (None: the global RNG).
+
+        On CPU with `model.attention: auto` and several torch threads, the jets are split into one
+        group per thread, each group's forward and backward run on its own thread
+        (models/thread_split.py: same losses and gradients up to rounding, same masks).
         """
         self._check(batch)
+        groups = 1
+        if self.thread_split and AttentionBackend(self.model_cfg.attention) is AttentionBackend.AUTO:
+            groups = thread_split.group_count(self, batch.num_jets, batch.x.device)
+        if groups > 1:
+            return self._forward_groups(batch, groups, generator, norm)
+        return self._forward_one(batch, generator, norm)
+
+    def _forward_groups(self, batch: JetBatch, groups: int, generator: torch.Generator | None,
+                        norm: LossNorm | None) -> dict:
+        """forward over `groups` groups of jets on as many threads (thread_split.run_groups)."""
+        if norm is None:  # the whole batch's counts: each group's share of the batch mean
+            norm = LossNorm({name: count.clamp(min=1) for name, count in self.loss_counts(batch).items()})
+        masked_T = None
+        if self.mpm is not None and norm.mask_seed is None:  # the whole batch's draws, as in one pass
+            masked_T = mask_particles(self.packing(batch), self.objective_cfg.mask_fraction, generator)
+        cu = batch.cu_seqlens.tolist()
+        bounds = thread_split.group_bounds(cu, groups)
+
+        def part(first: int, stop: int):
+            sub = batch.jets(first, stop)
+            sub_norm = dataclasses.replace(norm, jet_offset=norm.jet_offset + first)
+            sub_mask = None if masked_T is None else masked_T[cu[first]:cu[stop]]
+            return lambda: self._forward_one(sub, None, sub_norm, sub_mask)
+
+        params = [p for p in self.parameters() if p.requires_grad]
+        return thread_split.run_groups([part(a, b) for a, b in zip(bounds[:-1], bounds[1:])], params)
+
+    def _forward_one(self, batch: JetBatch, generator: torch.Generator | None, norm: LossNorm | None,
+                     masked_T: torch.Tensor | None = None) -> dict:
+        """forward in one pass; `masked_T` (T,) bool: the MPM mask, drawn by the caller."""
         packing = self.packing(batch)
         inputs = self._inputs(batch)
         out: dict = {}
@@ -130,10 +171,10 @@ class PretrainModel(nn.Module):
             out["ntp_loss"], out["ntp_acc"] = Ratio(loss_sum.detach(), count), Ratio(correct, count)
             loss = loss + (self.objective_cfg.ntp_weight if joint else 1.0) * normalise(norm, "ntp", loss_sum, count)
         if self.mpm is not None:
-            if norm is not None and norm.mask_seed is not None:
+            if masked_T is None and norm is not None and norm.mask_seed is not None:
                 masked_T = mask_particles(packing, self.objective_cfg.mask_fraction, seed=norm.mask_seed,
                                           jet_offset=norm.jet_offset)
-            else:
+            elif masked_T is None:
                 masked_T = mask_particles(packing, self.objective_cfg.mask_fraction, generator)
             loss_sum, correct = self.mpm(self.backbone, packing, masked_T, **inputs)
             count = masked_T.sum().to(loss_sum.dtype)
