@@ -146,6 +146,33 @@ def test_split_applies_only_where_it_should(two_threads, monkeypatch):
     assert calls == [2] and not out["loss"].requires_grad
 
 
+def test_sharded_parameters_keep_one_pass(two_threads, monkeypatch):
+    """FSDP's DTensor parameters and DeepSpeed ZeRO-3's (ds_id) are gathered by hooks around the
+    forward and backward, which must not run on several threads: no split then."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    model = _model()
+    assert thread_split.group_count(model, 64, torch.device("cpu")) == 2
+    model.backbone.start.ds_id = 7
+    assert thread_split.group_count(model, 64, torch.device("cpu")) == 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setitem(os.environ, "MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setitem(os.environ, "MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        param = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 2), init_device_mesh("cpu", (1,)), [Shard(0)]))
+        assert thread_split._sharded(param) and not thread_split._sharded(torch.nn.Parameter(torch.zeros(4, 2)))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_group_bounds_balance_particles():
     cu = [0] + torch.tensor([1] * 30 + [100, 100]).cumsum(0).tolist()
     bounds = thread_split.group_bounds(cu, 2)

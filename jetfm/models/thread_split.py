@@ -41,10 +41,16 @@ from .objectives import Ratio
 MIN_JETS_PER_GROUP = 6
 
 
+try:  # torch builds without distributed support have no DTensor (and no FSDP)
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = ()
+
+
 def _sharded(p: torch.Tensor) -> bool:
     """A parameter that FSDP (DTensor) or DeepSpeed ZeRO-3 (ds_id) shards: its module's hooks gather
     and scatter it around the forward and backward, which must not run on several threads."""
-    return hasattr(p, "ds_id") or type(p).__name__ == "DTensor" or type(getattr(p, "data", p)).__name__ == "DTensor"
+    return isinstance(p, DTensor) or hasattr(p, "ds_id")
 
 
 def group_count(model: torch.nn.Module, num_jets: int, device: torch.device) -> int:

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -411,7 +412,7 @@ torch::Tensor sample_rows(torch::Tensor logits, torch::Tensor u, int64_t block) 
   auto tokens = torch::empty({B}, logits.options().dtype(at::kLong));
   float* lp = logits.data_ptr<float>(); const float* up = u.data_ptr<float>(); int64_t* tp = tokens.data_ptr<int64_t>();
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  bool all_masked = false;
+  std::atomic<bool> all_masked{false};
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> sums(nb), cdf(nb);
     for (int64_t b = begin; b < end; ++b) {
@@ -422,7 +423,7 @@ torch::Tensor sample_rows(torch::Tensor logits, torch::Tensor u, int64_t block) 
       float mx = neg_inf;
       for (int j = 0; j < 16; ++j) mx = std::max(mx, mv[j]);
       for (int64_t i = V16; i < V; ++i) mx = std::max(mx, x[i]);
-      if (mx == neg_inf) { all_masked = true; tp[b] = 0; continue; }
+      if (mx == neg_inf) { all_masked.store(true); tp[b] = 0; continue; }
       const v16 vmx = splat(mx);
       for (int64_t k = 0; k < nb; ++k) {
         const int64_t lo = k * block, hi = std::min(V, lo + block);
@@ -458,7 +459,7 @@ torch::Tensor sample_rows(torch::Tensor logits, torch::Tensor u, int64_t block) 
       tp[b] = lo + std::min(j, last);
     }
   });
-  TORCH_CHECK(!all_masked, "sample_rows: a row with every token masked (probability 0 everywhere)");
+  TORCH_CHECK(!all_masked.load(), "sample_rows: a row with every token masked (probability 0 everywhere)");
   return tokens;
 }
 
