@@ -191,3 +191,62 @@ def test_jet_slices_are_batches():
     assert torch.equal(part.seqlens, batch.seqlens[3:10])
     with pytest.raises(ValueError, match="first < stop"):
         batch.jets(5, 5)
+
+
+def _token_shards(root):
+    """The trainer's tiny jets with random particle token ids (a manifest that records a codebook)."""
+    import dataclasses
+
+    import numpy as np
+    from test_trainer import BATCH, tiny_jets
+
+    from jetfm.data.format import JET_FEATURES, KINEMATIC_FEATURES
+    from jetfm.data.shards import Manifest, ShardWriter, creation_info
+
+    rng = np.random.default_rng(0)
+    manifest = Manifest(source={"kind": "test"}, particle_features=list(KINEMATIC_FEATURES),
+                        jet_features=list(JET_FEATURES), classes=["QCD", "Tbqq"], chunk_size=BATCH,
+                        created_by=creation_info(), tokens={"codebook_size": CODEBOOK, "tokenizer": "random ids"})
+    for split, n_chunks in (("train", 8), ("val", 2)):
+        writer = ShardWriter(root, f"{split}/shard-000000.tar", manifest.particle_features, manifest.jet_features, 2,
+                             chunk_size=BATCH)
+        jets = tiny_jets(rng, n_chunks * BATCH)
+        writer.write(dataclasses.replace(jets, tokens=rng.integers(1, CODEBOOK + 1, len(jets.part)).astype(np.int32)))
+        manifest.add_shard(split, writer.close())
+    manifest.save(root)
+    return root
+
+
+def test_trainer_resume_with_the_split_repeats_the_steps_exactly(tmp_path, monkeypatch):
+    """The real pre-training stage through the trainer on 2 threads (every step split, dropout on):
+    killed after the step-2 checkpoint and resumed, steps 3-4 repeat bit for bit (the groups' dropout
+    generators come from torch's RNG, which the checkpoint restores)."""
+    import shutil
+
+    from accelerate.state import AcceleratorState, GradientState
+    from test_trainer import read_metric_records, run, tiny_config
+
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    calls = _groups_used(monkeypatch)
+    config = tiny_config(tmp_path, _token_shards(tmp_path / "tokens"), name="pre", builder=None,
+                         model={"dim": 32, "num_heads": 2, "num_blocks": 1, "head_blocks": 1, "dropout": 0.2},
+                         train={"max_steps": 4, "checkpoint_every": 2, "keep_checkpoints": 0, "eval_every": 0})
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for attempt in ("first", "resumed"):
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+            if attempt == "first":
+                assert run(config) == 0
+                before = read_metric_records(tmp_path / "pre")
+                shutil.rmtree(tmp_path / "pre" / "checkpoints" / "step-000004")  # as if killed after step 2's
+            else:
+                assert run(config, "--resume") == 0
+    finally:
+        torch.set_num_threads(threads)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    assert calls and set(calls) == {2}  # every step ran split over the two threads
+    after = read_metric_records(tmp_path / "pre")
+    assert [s for s, _ in after] == [1, 2, 3, 4] and after == before
