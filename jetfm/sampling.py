@@ -46,7 +46,6 @@ T packed particles.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 import time
 import warnings
 from dataclasses import dataclass
@@ -484,22 +483,11 @@ def _run_sharded(run, batch: int, shards: int):
     the GIL), concatenated back in order."""
     if shards <= 1:
         return run(slice(0, batch))
+    from .models.thread_split import map_on_threads
+
     bounds = [batch * i // shards for i in range(shards + 1)]
     parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-    # grad and inference modes are per thread: the workers take the caller's
-    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
-
-    def in_caller_modes(part: slice):
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            return run(part)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=shards, thread_name_prefix="jetfm-generate") as pool:
-            results = list(pool.map(in_caller_modes, parts))
-    finally:
-        torch.set_num_threads(threads)
+    results = map_on_threads(run, parts, op_threads=1, name="jetfm-generate")
     tokens, lengths, features = zip(*results)
     return torch.cat(tokens), torch.cat(lengths), None if features[0] is None else torch.cat(features)
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import bisect
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
@@ -39,6 +39,7 @@ from .backbone import dropout_generator
 from .objectives import Ratio
 
 MIN_JETS_PER_GROUP = 6
+T, R = TypeVar("T"), TypeVar("R")
 
 
 try:  # torch builds without distributed support have no DTensor (and no FSDP)
@@ -88,21 +89,39 @@ class _GroupGradients(torch.autograd.Function):
         return (None, None, *(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads))
 
 
+def map_on_threads(fn: Callable[[T], R], items: list[T], *, op_threads: int, name: str) -> list[R]:
+    """[fn(item) for item in items], each call on a thread of its own, in order. Torch's modes are
+    per thread, so every call runs in the caller's grad and inference modes (CPU autocast is the
+    caller's to pass on: it must not cover a backward); torch's ops get `op_threads` threads each
+    meanwhile, restored afterwards. Used by the step split (run_groups) and by generation's shards
+    (sampling._run_sharded)."""
+    threads = torch.get_num_threads()
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def in_caller_modes(item: T) -> R:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return fn(item)
+
+    torch.set_num_threads(op_threads)
+    try:
+        with ThreadPoolExecutor(max_workers=len(items), thread_name_prefix=name) as pool:
+            return list(pool.map(in_caller_modes, items))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_groups(parts: list[Callable[[], dict]], params: list[torch.Tensor]) -> dict:
     """Run each `part()` (a group's forward: {"loss", metrics as Ratio}) on a thread of its own, its
     ops on threads // groups threads, with the caller's grad, inference and CPU autocast modes; gradients of each
     group's loss w.r.t. `params` taken on its thread. Returns the metrics added over the groups and
     the summed loss, differentiable w.r.t. `params` (its backward: the summed gradients)."""
-    threads = torch.get_num_threads()
     grad = torch.is_grad_enabled() and bool(params)
-    inference = torch.is_inference_mode_enabled()
     autocast, autocast_dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
     # one dropout generator per group, seeded from torch's RNG on this thread (a seed reproduces it)
     seeds = torch.randint(0, 2**62, (len(parts),), dtype=torch.int64).tolist()
 
     def work(i: int):
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
-                dropout_generator(torch.Generator().manual_seed(seeds[i])):
+        with dropout_generator(torch.Generator().manual_seed(seeds[i])):
             with torch.autocast("cpu", enabled=autocast, dtype=autocast_dtype):
                 out = parts[i]()
             grads = None
@@ -110,12 +129,8 @@ def run_groups(parts: list[Callable[[], dict]], params: list[torch.Tensor]) -> d
                 grads = torch.autograd.grad(out["loss"], params, allow_unused=True)
         return out, grads
 
-    torch.set_num_threads(max(1, threads // len(parts)))
-    try:
-        with ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="jetfm-step") as pool:
-            results = list(pool.map(work, range(len(parts))))
-    finally:
-        torch.set_num_threads(threads)
+    results = map_on_threads(work, list(range(len(parts))), op_threads=max(1, torch.get_num_threads() // len(parts)),
+                             name="jetfm-step")
     outs = [out for out, _ in results]
     combined = {}
     for key, value in outs[0].items():
@@ -129,10 +144,10 @@ def run_groups(parts: list[Callable[[], dict]], params: list[torch.Tensor]) -> d
     if group_grads:
         summed = []
         for per_param in zip(*group_grads):  # in group order: the same bits on every run
-            present = [g for g in per_param if g is not None]
             total = None
-            for g in present:
-                total = g if total is None else total + g
+            for g in per_param:
+                if g is not None:
+                    total = g if total is None else total + g
             summed.append(total)
         loss = _GroupGradients.apply(loss, tuple(summed), *params)
     combined["loss"] = loss
