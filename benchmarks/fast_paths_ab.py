@@ -12,8 +12,9 @@ threads) and `model.attention=sdpa` (bucketed torch SDPA, random-bits dropout, t
 chunked loss, one pass); both use the trainer's AdamW. `--against no-thread-split`: the plain
 model is the fast one without the step split over threads (`PretrainModel.thread_split = False`:
 one pass, torch's threads inside each op), so the pair measures the split alone. The medians of
-CPU and wall time per step are printed, then one JSON line. Workload: the reference's (joint step, reference size, multiplicities
-clip(round(Gamma(6.5, 7)), 5, 99), dropout 0.1, AdamW, bf16 autocast).
+CPU and wall time per step are printed, then one JSON line. Workload: the reference's (joint
+step, reference size, multiplicities clip(round(Gamma(6.5, 7)), 5, 99), dropout 0.1, AdamW, bf16
+autocast).
 """
 
 from __future__ import annotations

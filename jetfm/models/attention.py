@@ -26,7 +26,6 @@ import enum
 import functools
 import itertools
 import math
-
 import threading
 
 import torch
