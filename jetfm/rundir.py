@@ -39,6 +39,23 @@ RUN_OUTPUTS = ("final", "best", METRICS_FILE, "summary.json")
 _HELD: dict[Path, int] = {}  # run directory -> the open, flocked lock file of this process
 
 
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close the copies of this process's lock files.
+    Why: a flock belongs to the open file, which fork shares, so a child kept the run's lock alive
+    for as long as it lived; a trainer killed with SIGKILL then blocked its own `--resume` until
+    the last of its children had gone. Closing the child's copy leaves the parent's lock as it is."""
+    for fd in _HELD.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 class RunDirError(RuntimeError):
     """The run directory is taken by another run, or holds one that this run would clobber."""
 

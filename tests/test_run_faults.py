@@ -84,6 +84,28 @@ def test_a_second_run_on_a_locked_directory_is_refused_naming_the_holder(tmp_pat
     assert (tmp_path / "tiny" / rundir.LOCK_FILE).read_text() == ""  # released at the end: not stale
 
 
+def test_a_forked_child_does_not_keep_the_run_lock(tmp_path):
+    """A child forked while the lock is held (a DataLoader worker) drops its copy of the lock file: once
+    the parent lets go, the directory can be locked again while the child still lives."""
+    import os
+    import time
+
+    run_dir = tmp_path / "run"
+    assert rundir.acquire_lock(run_dir) is None
+    child = os.fork()
+    if child == 0:  # the child outlives the parent's hold on the lock
+        time.sleep(10)
+        os._exit(0)
+    try:
+        time.sleep(0.2)
+        rundir.release_run_dir(run_dir)
+        assert rundir.acquire_lock(run_dir) is None  # not "in use by another run" (the child)
+        rundir.release_run_dir(run_dir)
+    finally:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
+
+
 @pytest.mark.slow  # ~26 s: two processes start accelerate and gloo
 def test_two_processes_refuse_a_locked_directory_on_every_rank(tmp_path, tiny_data):
     """DDP on 2 CPU processes: rank 0 finds the lock taken, every rank stops (no rank waits in a collective)."""
