@@ -262,3 +262,19 @@ def test_build_is_cached_by_source_compiler_and_cpu(tmp_path):
     second = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert second.returncode == 0 and built[0].stat().st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == [built[0].name]  # no temp files left behind
+
+
+def test_every_kernel_source_ships_with_the_package():
+    """The kernels are compiled from their sources on the user's machine, so an installed wheel
+    must carry every file under jetfm/models/kernels (the generation step's C++ included)."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(cpu_kernels.__file__).resolve().parents[2]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["jetfm.models"]
+    sources = sorted(p.relative_to(cpu_kernels.KERNELS.parent).as_posix() for p in cpu_kernels.KERNELS.iterdir())
+    missing = [s for s in sources if not any(fnmatch.fnmatch(s, g) for g in globs)]
+    assert not missing, f"not in pyproject's package-data for jetfm.models: {missing}"
+    used = {p.name for p in (*cpu_kernels.SOURCES, *cpu_kernels.HEADERS, cpu_kernels.DECODE_SOURCE)}
+    assert used == {Path(s).name for s in sources}

@@ -52,6 +52,7 @@ from jetfm import messages
 
 KERNELS = Path(__file__).resolve().parent / "kernels"
 SOURCES = tuple(KERNELS / name for name in ("varlen_attention.c", "dropout_add.c", "softmax_xent.c"))
+HEADERS = (KERNELS / "elements.h",)  # included by SOURCES: part of the cache key
 DECODE_SOURCE = KERNELS / "kv_decode.cpp"  # a torch C++ extension (decode_extension)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 LIBS = ("-lmvec", "-lm")  # glibc's vector expf; retried without -lmvec where it does not exist
@@ -108,7 +109,7 @@ def _writable_dir(entry: str) -> Path:
 
 def _build(cc: str) -> Path:
     """Compile the C kernels (or find them in the cache); returns the shared library's path."""
-    key = _cache_key(*(src.read_bytes() for src in SOURCES), _compiler_version(cc), " ".join(FLAGS + LIBS))
+    key = _cache_key(*(src.read_bytes() for src in SOURCES + HEADERS), _compiler_version(cc), " ".join(FLAGS + LIBS))
     name = f"jetfm_cpu_kernels-{key}.so"
     directory = _writable_dir(name)
     target = directory / name

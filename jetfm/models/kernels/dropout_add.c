@@ -14,26 +14,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float ld(const void *base, int64_t i, int bf16) {
-    if (bf16) {
-        uint32_t bits = (uint32_t)((const uint16_t *)base)[i] << 16;
-        float f;
-        memcpy(&f, &bits, 4);
-        return f;
-    }
-    return ((const float *)base)[i];
-}
-
-static inline void st(void *base, int64_t i, float f, int bf16) {
-    if (bf16) {
-        uint32_t bits;
-        memcpy(&bits, &f, 4);
-        uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;  /* round to nearest even */
-        ((uint16_t *)base)[i] = (bits & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((bits >> 16) | 0x40u) : (uint16_t)rounded;
-        return;
-    }
-    ((float *)base)[i] = f;
-}
+#include "elements.h"
 
 static inline uint32_t fmix32(uint32_t h) {
     h ^= h >> 16;
@@ -59,7 +40,7 @@ void jetfm_dropout_add_fwd(const void *x, int x_bf16, const void *y, int y_bf16,
         const int64_t end = b + BLOCK < n ? b + BLOCK : n;
 #pragma omp simd
         for (int64_t i = b; i < end; i++)
-            st(out, i, ld(x, i, x_bf16) + keep(seed, (uint32_t)i, dropped) * scale * ld(y, i, y_bf16), x_bf16);
+            store_elem(out, i, load_elem(x, i, x_bf16) + keep(seed, (uint32_t)i, dropped) * scale * load_elem(y, i, y_bf16), x_bf16);
     }
 }
 
@@ -69,6 +50,6 @@ void jetfm_dropout_bwd(const void *grad, int g_bf16, void *dy, int y_bf16, int64
     for (int64_t b = 0; b < n; b += BLOCK) {
         const int64_t end = b + BLOCK < n ? b + BLOCK : n;
 #pragma omp simd
-        for (int64_t i = b; i < end; i++) st(dy, i, keep(seed, (uint32_t)i, dropped) * scale * ld(grad, i, g_bf16), y_bf16);
+        for (int64_t i = b; i < end; i++) store_elem(dy, i, keep(seed, (uint32_t)i, dropped) * scale * load_elem(grad, i, g_bf16), y_bf16);
     }
 }

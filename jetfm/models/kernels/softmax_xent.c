@@ -15,30 +15,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "elements.h"
+
 #if defined(__x86_64__)
 __attribute__((simd("notinbranch"))) extern float expf(float);
 #endif
-
-static inline float ld(const void *base, int64_t i, int bf16) {
-    if (bf16) {
-        uint32_t bits = (uint32_t)((const uint16_t *)base)[i] << 16;
-        float f;
-        memcpy(&f, &bits, 4);
-        return f;
-    }
-    return ((const float *)base)[i];
-}
-
-static inline void st(void *base, int64_t i, float f, int bf16) {
-    if (bf16) {
-        uint32_t bits;
-        memcpy(&bits, &f, 4);
-        uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-        ((uint16_t *)base)[i] = (bits & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((bits >> 16) | 0x40u) : (uint16_t)rounded;
-        return;
-    }
-    ((float *)base)[i] = f;
-}
 
 int jetfm_softmax_xent(void *z, int z_bf16, const int64_t *targets, int64_t R, int64_t V, int need_grad,
                        double *loss_out, int64_t *correct_out, int nthreads) {
@@ -61,23 +42,23 @@ int jetfm_softmax_xent(void *z, int z_bf16, const int64_t *targets, int64_t R, i
             float m = -INFINITY;
 #pragma omp simd reduction(max : m)
             for (int64_t v = 0; v < V; v++) {
-                const float x = ld(z, row + v, z_bf16);
+                const float x = load_elem(z, row + v, z_bf16);
                 m = x > m ? x : m;
             }
             float s = 0.0f;
 #pragma omp simd reduction(+ : s)
             for (int64_t v = 0; v < V; v++) {
-                e[v] = expf(ld(z, row + v, z_bf16) - m);
+                e[v] = expf(load_elem(z, row + v, z_bf16) - m);
                 s += e[v];
             }
-            const float zt = ld(z, row + targets[r], z_bf16);
+            const float zt = load_elem(z, row + targets[r], z_bf16);
             loss += (double)(logf(s) + m - zt);
             correct += zt >= m;
             if (need_grad) {
                 const float inv_s = 1.0f / s;
 #pragma omp simd
-                for (int64_t v = 0; v < V; v++) st(z, row + v, e[v] * inv_s, z_bf16);
-                st(z, row + targets[r], e[targets[r]] * inv_s - 1.0f, z_bf16);
+                for (int64_t v = 0; v < V; v++) store_elem(z, row + v, e[v] * inv_s, z_bf16);
+                store_elem(z, row + targets[r], e[targets[r]] * inv_s - 1.0f, z_bf16);
             }
         }
         free(e);

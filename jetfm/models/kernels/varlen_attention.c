@@ -27,35 +27,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "elements.h"
+
 #if defined(__x86_64__)
 /* glibc's libmvec provides 4/8/16-lane versions of expf; this declaration lets gcc call them. */
 __attribute__((simd("notinbranch"))) extern float expf(float);
 #endif
-
-static inline float load_elem(const void *base, int64_t i, int is_bf16) {
-    if (is_bf16) {
-        uint32_t bits = (uint32_t)((const uint16_t *)base)[i] << 16;
-        float f;
-        memcpy(&f, &bits, 4);
-        return f;
-    }
-    return ((const float *)base)[i];
-}
-
-static inline void store_elem(void *base, int64_t i, float f, int is_bf16) {
-    if (is_bf16) {
-        uint32_t bits;
-        memcpy(&bits, &f, 4);
-        if ((bits & 0x7fffffffu) > 0x7f800000u) {  /* NaN stays a (quiet) NaN */
-            ((uint16_t *)base)[i] = (uint16_t)((bits >> 16) | 0x40u);
-            return;
-        }
-        bits += 0x7fffu + ((bits >> 16) & 1u);  /* round to nearest even */
-        ((uint16_t *)base)[i] = (uint16_t)(bits >> 16);
-        return;
-    }
-    ((float *)base)[i] = f;
-}
 
 /* Index of element (t, which, h, d) in (T, 3, H, D). */
 #define QKV(t, which, h, d) ((((int64_t)(t) * 3 + (which)) * H + (h)) * D + (d))
