@@ -7,9 +7,10 @@
 One step = forward (loss) + backward + AdamW step, timed separately (device synchronised), after
 warm-up steps. Each (size, implementation, dtype) runs in its own subprocess so that its peak
 memory is its own (CUDA: max_memory_allocated; CPU: peak RSS growth over the process after
-imports). Both implementations see the same batches: multiplicities drawn from a normal around
-50 +- 20 clipped to [5, 128] (or from a dataset's jets with --data), random features and tokens
-over the reference vocabulary (8192 codes + start + stop).
+imports). Both implementations see the same batches: multiplicities clip(round(Gamma(6.5, 7)),
+5, 99) as in the reference's measurement (`--multiplicities normal`: a normal around 50 +- 20
+clipped to [5, 128]; `--data`: a dataset's jets), random features and tokens over the reference
+vocabulary (8192 codes + start + stop).
 
 - packed: `jetfm.models.pretrain.build_pretrain_model` — no compute on padding; MPM backbone on
   the unmasked particles only; vocabulary logits only where a loss reads them. On CPU with 2+
@@ -22,8 +23,8 @@ over the reference vocabulary (8192 codes + start + stop).
   packing and waste, not the kernel.
 
 Ratios: `speedup_vs_reference` divides jetfm's particles/s by the reference implementation's,
-measured on the development machine and stored as data in `benchmarks/results/reference.json`
-(same workload: joint step, multiplicities clip(round(Gamma(6.5, 7)), 5, 99), dropout on,
+timed on the development machines and stored as data in `benchmarks/results/reference.json`,
+one entry per CPU type, picked by this CPU's instruction-set flags (`reference_figures.py`; same workload: joint step, multiplicities clip(round(Gamma(6.5, 7)), 5, 99), dropout on,
 AdamW) — the default `--multiplicities gamma` draws the same distribution;
 `speedup_vs_padded` divides by the padded baseline measured in the same run (the robust
 figure on a loaded machine). The machine's matmul peak (torch.mm on the model's layer shapes,
@@ -57,6 +58,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import reference_figures  # noqa: E402  (benchmarks/, the script's own directory)
 from jetfm.data.batch import JetBatch  # noqa: E402
 from jetfm.models.attention import Packing, padded_sdpa  # noqa: E402
 from jetfm.models.config import ModelConfig, ObjectiveConfig  # noqa: E402
@@ -70,7 +72,6 @@ SIZES = {
     "tiny": dict(dim=32, num_heads=2, num_blocks=1),  # gpu_check.sh --dry-run: the plumbing only
 }
 PEAK_FLOPS = {("H200", "bf16"): 989e12, ("H100", "bf16"): 989e12}
-REFERENCE = Path(__file__).resolve().parent / "results" / "reference.json"
 NUM_FEATURES = 3
 
 
@@ -182,19 +183,6 @@ def matmul_peak(device: torch.device, dim: int, rows: int = 3000, repeats: int =
             best = min(best, time.perf_counter() - t0)
         out[name] = 2 * 2 * rows * dim * 4 * dim / best / 1e9
     return out
-
-
-def reference_record() -> dict:
-    """benchmarks/results/reference.json ({} without it): the reference's figures ("train") and the
-    machine's matmul peak when they were measured ("matmul_peak_gflop_per_s")."""
-    return json.loads(REFERENCE.read_text()) if REFERENCE.exists() else {}
-
-
-def machine_vs_reference_run(peak: dict, stored: dict) -> dict:
-    """This run's matmul peak / the one `stored` with the reference figures (the middle of its
-    range), per dtype: below 1, the machine is slower now than when the reference was measured
-    (a shared VM's neighbours), and speedup_vs_reference is understated by about that factor."""
-    return {dt: peak[dt] / statistics.mean(stored[dt]) for dt in ("fp32", "bf16") if dt in stored and dt in peak}
 
 
 def dataset_multiplicities(directory: Path, split: str, limit: int) -> list[int]:
@@ -468,11 +456,11 @@ def main(argv=None):
     peak_dim = SIZES[args.sizes.split(",")[0]]["dim"]  # the peak is measured on the first size's shapes
     peak = matmul_peak(device, peak_dim)
     print(f"matmul peak in this run (torch.mm, model shapes): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
-    record = reference_record()
-    reference = record.get("train", {})
-    # comparable only at the reference's width
-    machine = (machine_vs_reference_run(peak, record.get("matmul_peak_gflop_per_s", {}))
-               if device.type == "cpu" and peak_dim == 128 else {})
+    # the reference's figures for this CPU type (benchmarks/reference_figures.py); comparable only at its width
+    entry, why = reference_figures.pick(reference_figures.load(), peak if device.type == "cpu" else None)
+    reference = (entry or {}).get("train", {}) if device.type == "cpu" else {}  # CPU figures: no ratio on a GPU
+    print(f"reference figures: {why}")
+    machine = reference_figures.machine_ratio(entry, peak) if entry and device.type == "cpu" and peak_dim == 128 else {}
     if machine:
         print("this run's matmul peak / the reference run's: " + ", ".join(f"{dt} x{v:.2f}" for dt, v in machine.items())
               + " (below 1: a slower machine now, speedup_vs_reference understated by about that factor)")
@@ -500,7 +488,9 @@ def main(argv=None):
                                                        else "normal(50,20) clipped [5,128]"),
                     mean_multiplicity=mean_n, sizes={s: SIZES[s] for s in args.sizes.split(",")}, threads=args.threads,
                     packed_attention=attention, repeats=args.repeats, multiplicities=args.multiplicities),
-        matmul_peak_gflop_per_s=peak, machine_vs_reference_run=machine, results=results, speedup_particles_per_s=speedups,
+        matmul_peak_gflop_per_s=peak, machine_vs_reference_run=machine,
+        reference_machine=dict(name=entry and entry["name"], measured=entry and entry["measured"], why=why),
+        results=results, speedup_particles_per_s=speedups,
         speedup_particles_per_cpu_s=cpu_speedups, speedup_vs_reference=vs_reference, speedup_vs_padded=vs_padded,
     )))
 
