@@ -24,7 +24,8 @@ vocabulary (8192 codes + start + stop).
 
 Ratios: `speedup_vs_reference` divides jetfm's particles/s by the reference implementation's,
 timed on the development machines and stored as data in `benchmarks/results/reference.json`,
-one entry per CPU type, picked by this CPU's instruction-set flags (`reference_figures.py`; same workload: joint step, multiplicities clip(round(Gamma(6.5, 7)), 5, 99), dropout on,
+one entry per CPU type, picked by this CPU's instruction-set flags (`reference_figures.py`;
+same workload: joint step, multiplicities clip(round(Gamma(6.5, 7)), 5, 99), dropout on,
 AdamW) — the default `--multiplicities gamma` draws the same distribution;
 `speedup_vs_padded` divides by the padded baseline measured in the same run (the robust
 figure on a loaded machine). The machine's matmul peak (torch.mm on the model's layer shapes,
