@@ -17,20 +17,16 @@ import json
 import math
 from pathlib import Path
 
+from jetfm.models import cpu_kernels  # the scripts put the repository first on sys.path
+
 REFERENCE = Path(__file__).resolve().parent / "results" / "reference.json"
 # the flags that decide the speed of these kernels (vector width, bf16 dot products, AMX tiles)
 ISA_PREFIXES = ("avx512", "amx", "avx_vnni", "avx2", "fma")
 
 
-def cpu_isa(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
-    """This CPU's vector instruction-set flags (sorted), or [] where /proc/cpuinfo is unreadable."""
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            if line.split(":")[0].strip() in ("flags", "Features"):
-                return sorted(f for f in line.split(":", 1)[1].split() if f.startswith(ISA_PREFIXES))
-    except OSError:
-        pass
-    return []
+def cpu_isa() -> list[str]:
+    """This CPU's vector instruction-set flags (sorted), or [] where they cannot be read."""
+    return [flag for flag in cpu_kernels.cpu_flags() if flag.startswith(ISA_PREFIXES)]
 
 
 def load(path: Path = REFERENCE) -> list[dict]:

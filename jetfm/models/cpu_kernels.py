@@ -68,14 +68,26 @@ def cache_dir() -> Path:
     return base / "jetfm" / "kernels"
 
 
-def _cpu_identity() -> str:
-    """The CPU model and feature flags (what -march=native compiles for)."""
+def _cpuinfo_lines(keys: tuple[str, ...]) -> list[str] | None:
+    """The distinct /proc/cpuinfo lines for `keys`, sorted; None where the file is unreadable."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
+        return None
+    return sorted({ln for ln in lines if ln.split(":")[0].strip() in keys})
+
+
+def _cpu_identity() -> str:
+    """The CPU model and feature flags (what -march=native compiles for)."""
+    keep = _cpuinfo_lines(("model name", "flags", "Features", "CPU part"))
+    if keep is None:
         return platform.processor() or platform.machine()
-    keep = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")]
-    return "\n".join(sorted(set(keep))) or platform.machine()
+    return "\n".join(keep) or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's feature flags (x86 "flags", Arm "Features"), sorted; [] where unknown."""
+    return sorted({flag for ln in _cpuinfo_lines(("flags", "Features")) or [] for flag in ln.split(":", 1)[1].split()})
 
 
 def _compiler_version(cc: str) -> str:
