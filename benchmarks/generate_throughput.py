@@ -168,8 +168,9 @@ def main(argv=None) -> int:
     config = {"length": args.length, "codebook": args.codebook, "iters": args.iters, "ref_iters": args.ref_iters,
               "warmup": args.warmup, "backbone": "8x128, 8 heads, MLP x4; NTP head 2 blocks MLP x2",
               "tokenizer": "4+4 blocks x128, 8 heads, latent 8", "kernel": kernel}
-    entry, why = reference_figures.pick(reference_figures.load())  # by this CPU's flags (no matmul peak here)
-    reference = (entry or {}).get("generate", {}) if device.type == "cpu" else {}
+    entry, why = (reference_figures.pick(reference_figures.load()) if device.type == "cpu"  # by this CPU's flags
+                  else (None, "none: the stored reference figures are CPU figures"))
+    reference = (entry or {}).get("generate", {})
     print(f"reference figures: {why}")
     vs_reference, vs_padded = {}, {}
     for r in results:

@@ -458,10 +458,11 @@ def main(argv=None):
     peak = matmul_peak(device, peak_dim)
     print(f"matmul peak in this run (torch.mm, model shapes): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
     # the reference's figures for this CPU type (benchmarks/reference_figures.py); comparable only at its width
-    entry, why = reference_figures.pick(reference_figures.load(), peak if device.type == "cpu" else None)
-    reference = (entry or {}).get("train", {}) if device.type == "cpu" else {}  # CPU figures: no ratio on a GPU
+    entry, why = (reference_figures.pick(reference_figures.load(), peak) if device.type == "cpu"
+                  else (None, "none: the stored reference figures are CPU figures"))
+    reference = (entry or {}).get("train", {})
     print(f"reference figures: {why}")
-    machine = reference_figures.machine_ratio(entry, peak) if entry and device.type == "cpu" and peak_dim == 128 else {}
+    machine = reference_figures.machine_ratio(entry, peak) if entry and peak_dim == 128 else {}
     if machine:
         print("this run's matmul peak / the reference run's: " + ", ".join(f"{dt} x{v:.2f}" for dt, v in machine.items())
               + " (below 1: a slower machine now, speedup_vs_reference understated by about that factor)")
